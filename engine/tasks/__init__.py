@@ -1,0 +1,1 @@
+"""Task runners: one module per task, each running jobs on a loaded model."""

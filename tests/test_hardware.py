@@ -1,0 +1,494 @@
+"""Tests of engine.hardware: GPU names, spec sheet, discovery over a fake NVML, CPU bandwidth."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakes import NVML_ERROR_DRIVER_NOT_LOADED, FakeGpu, FakeNvml, a100, v100
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine import hardware
+from engine.errors import DeviceError
+from engine.hardware import (
+    GPU_SPECS,
+    Device,
+    HardwareInfo,
+    Nvml,
+    cpu_memory_bandwidth_gbps,
+    cuda_visible_nvml_indices,
+    discover,
+    gpu_spec_for,
+    gpu_type_from_name,
+    memory_bandwidth_gbps,
+    supports_bf16,
+)
+
+GiB = 2**30
+TYPE_RE = re.compile(r"^[a-z0-9]+$")
+
+
+@pytest.fixture(autouse=True)
+def _clean_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts and ends with the real pynvml and sees every GPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hardware.set_nvml_module(None)
+    yield
+    hardware.set_nvml_module(None)
+
+
+@pytest.fixture
+def fake() -> FakeNvml:
+    return FakeNvml(gpus=[v100(), a100()], driver="550.54.15", cuda=12040)
+
+
+@pytest.fixture
+def info(fake: FakeNvml) -> HardwareInfo:
+    return discover(Nvml(fake))
+
+
+# --------------------------------------------------------------------------- names
+
+REAL_NAMES = [
+    ("Tesla V100-SXM2-16GB", "v100"),
+    ("Tesla V100-PCIE-32GB", "v100"),
+    ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100-SXM4-40GB", "a100"),
+    ("NVIDIA A100 80GB PCIe", "a100"),
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "a100"),
+    ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA H100 PCIe", "h100"),
+    ("NVIDIA H100 NVL", "h100"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA B200", "b200"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA GeForce RTX 3090", "rtx3090"),
+    ("NVIDIA GeForce RTX 3090 Ti", "rtx3090ti"),
+    ("NVIDIA GeForce RTX 4070 SUPER", "rtx4070super"),
+    ("Tesla T4", "t4"),
+    ("NVIDIA A10", "a10"),
+    ("NVIDIA A10G", "a10g"),
+    ("NVIDIA A40", "a40"),
+    ("NVIDIA L4", "l4"),
+    ("NVIDIA L40S", "l40s"),
+    ("NVIDIA RTX A6000", "rtxa6000"),
+    ("NVIDIA GeForce GTX 1080 Ti", "gtx1080ti"),
+    ("Quadro RTX 8000", "rtx8000"),
+    ("Tesla P100-PCIE-16GB", "p100"),
+    ("NVIDIA GH200 480GB", "gh200"),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), REAL_NAMES)
+def test_gpu_type_from_real_names(name: str, expected: str) -> None:
+    assert gpu_type_from_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("", "unknown"), ("!!! ---", "unknown"), ("NVIDIA", "nvidia")]
+)
+def test_gpu_type_fallback_is_never_empty(name: str, expected: str) -> None:
+    assert gpu_type_from_name(name) == expected
+
+
+def test_every_spec_family_is_its_own_gpu_type() -> None:
+    for key, spec in GPU_SPECS.items():
+        assert TYPE_RE.match(spec.gpu_type), key
+        assert key == spec.gpu_type or key.startswith(spec.gpu_type + "-"), key
+        assert gpu_type_from_name(spec.gpu_type) == spec.gpu_type
+
+
+@given(st.text())
+def test_gpu_type_is_always_a_clean_token(name: str) -> None:
+    result = gpu_type_from_name(name)
+    assert TYPE_RE.match(result)
+    assert gpu_type_from_name(result) == result  # stable when fed back
+
+
+_FAMILY = st.builds(
+    lambda prefix, number, letter: f"{prefix}{number}{letter}",
+    st.sampled_from(["A", "B", "H", "L", "T", "V", "P", "K", "GH", "RTX ", "GTX ", "RTX A"]),
+    st.integers(min_value=1, max_value=9999),
+    st.sampled_from(["", "S", "G"]),
+)
+
+
+@given(
+    vendor=st.sampled_from(["NVIDIA", "Tesla", "NVIDIA GeForce", "Quadro", "NVIDIA Tesla"]),
+    family=_FAMILY,
+    suffix=st.sampled_from(["", " Ti", " SUPER", " Super"]),
+    form_factor=st.sampled_from(["SXM2", "SXM4", "SXM5", "PCIE", "PCIe", "HBM3", "NVL", "FHHL"]),
+    memory=st.integers(min_value=1, max_value=512),
+)
+def test_gpu_type_of_generated_names_is_the_family(
+    vendor: str, family: str, suffix: str, form_factor: str, memory: int
+) -> None:
+    name = f"{vendor} {family}{suffix}-{form_factor}-{memory}GB"
+    expected = (family + suffix).lower().replace(" ", "")
+    assert gpu_type_from_name(name) == expected
+
+
+# --------------------------------------------------------------------------- spec sheet
+
+
+def test_spec_sheet_covers_the_families_the_engine_prices() -> None:
+    for key in [
+        "v100", "t4", "a10", "a10g", "a40", "a100", "l4", "l40s",
+        "h100", "h200", "rtx3090", "rtx4090", "rtxa6000", "b200",
+    ]:  # fmt: skip
+        assert key in GPU_SPECS
+    assert GPU_SPECS["a100"].memory_bandwidth_gbps == 2039.0
+    assert GPU_SPECS["a100-40gb"].memory_bandwidth_gbps == 1555.0
+    assert GPU_SPECS["v100"].memory_bandwidth_gbps == 900.0
+    assert GPU_SPECS["h100"].fp16_tflops == pytest.approx(989.4)
+
+
+def test_spec_sheet_is_consistent() -> None:
+    for key, spec in GPU_SPECS.items():
+        assert (spec.bf16_tflops is None) == (not supports_bf16(spec.compute_capability)), key
+        assert spec.fp16_tflops > spec.fp32_tflops > 0, key
+        assert spec.memory_bandwidth_gbps > 0, key
+
+
+def test_peak_tflops_by_dtype() -> None:
+    spec = GPU_SPECS["v100"]
+    assert spec.peak_tflops("fp16") == spec.peak_tflops("torch.float16") == 125.0
+    assert spec.peak_tflops("float32") == 15.7
+    assert spec.peak_tflops("bfloat16") is None
+    assert spec.peak_tflops("int8") is None
+    assert GPU_SPECS["a100"].peak_tflops("bf16") == 312.0
+
+
+def test_supports_bf16() -> None:
+    assert not supports_bf16((7, 0))
+    assert not supports_bf16((7, 5))
+    assert supports_bf16((8, 0))
+    assert supports_bf16((9, 0))
+    assert supports_bf16((10, 0))
+
+
+def test_gpu_spec_picks_variants() -> None:
+    assert gpu_spec_for("a100", "NVIDIA A100-SXM4-40GB", 40 * GiB) is GPU_SPECS["a100-40gb"]
+    assert gpu_spec_for("a100", "NVIDIA A100-SXM4-80GB", 80 * GiB) is GPU_SPECS["a100"]
+    assert gpu_spec_for("h100", "NVIDIA H100 PCIe") is GPU_SPECS["h100-pcie"]
+    assert gpu_spec_for("h100", "NVIDIA H100 NVL") is GPU_SPECS["h100-nvl"]
+    assert gpu_spec_for("t4", "Tesla T4") is GPU_SPECS["t4"]  # no t4-pcie: the base entry
+    assert gpu_spec_for("gtx1080ti", "NVIDIA GeForce GTX 1080 Ti") is None
+    assert gpu_spec_for(None) is None
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_discover_two_fake_gpus(info: HardwareInfo) -> None:
+    assert [d.id for d in info.devices] == ["cuda:0", "cuda:1", "cpu"]
+    v, a = info.gpus
+    assert (v.name, v.gpu_type, v.index, v.nvml_index) == ("Tesla V100-SXM2-16GB", "v100", 0, 0)
+    assert (a.name, a.gpu_type, a.index, a.nvml_index) == ("NVIDIA A100-SXM4-80GB", "a100", 1, 1)
+    assert (v.memory_total_bytes, v.memory_free_bytes) == (16 * GiB, 15 * GiB)
+    assert (a.memory_total_bytes, a.memory_free_bytes) == (80 * GiB, 79 * GiB)
+    assert v.compute_capability == (7, 0) and a.compute_capability == (8, 0)
+    assert v.kind == a.kind == "cuda"
+    assert v.energy_supported and a.energy_supported
+    assert v.uuid and a.uuid and v.uuid != a.uuid and v.uuid.startswith("GPU-")
+    assert not v.supports_bf16 and a.supports_bf16
+    assert not supports_bf16(v.compute_capability) and supports_bf16(a.compute_capability)
+    assert info.driver_version == "550.54.15"
+    assert info.cuda_version == "12.4"
+    assert info.nvml_available and info.nvml_error is None
+
+
+def test_cpu_device_is_last(info: HardwareInfo) -> None:
+    cpu = info.devices[-1]
+    assert cpu is info.cpu
+    assert (cpu.id, cpu.kind, cpu.index, cpu.gpu_type) == ("cpu", "cpu", None, None)
+    assert cpu.cores == info.cpu_cores >= 1
+    assert cpu.name == info.cpu_name != ""
+    assert cpu.memory_total_bytes == info.cpu_memory_total_bytes > 0
+    assert 0 < cpu.memory_free_bytes <= cpu.memory_total_bytes
+    assert not cpu.energy_supported and cpu.compute_capability is None
+
+
+def test_discover_with_unsupported_energy() -> None:
+    k80 = FakeGpu("Tesla K80", 12 * GiB, compute_capability=(3, 7), energy_supported=False)
+    fake = FakeNvml(gpus=[k80])
+    nvml = Nvml(fake)
+    assert nvml.energy_millijoules(0) is None
+    (gpu,) = discover(nvml).gpus
+    assert gpu.gpu_type == "k80" and not gpu.energy_supported
+
+
+def test_nvml_init_failure_gives_cpu_only() -> None:
+    fake = FakeNvml(gpus=[v100()], fail_init=True, init_error=NVML_ERROR_DRIVER_NOT_LOADED)
+    nvml = Nvml(fake)
+    assert not nvml.available()
+    assert nvml.error() == "Driver Not Loaded"
+    assert nvml.device_count() == 0
+    info = discover(nvml)
+    assert [d.id for d in info.devices] == ["cpu"]
+    assert info.gpus == ()
+    assert not info.nvml_available
+    assert info.nvml_error == "Driver Not Loaded"
+    assert info.driver_version is None and info.cuda_version is None
+
+
+def test_injected_module_is_used_by_default(fake: FakeNvml) -> None:
+    hardware.set_nvml_module(fake)
+    assert hardware.nvml_module() is fake
+    info = discover()
+    assert [d.gpu_type for d in info.gpus] == ["v100", "a100"]
+    assert fake.init_calls == fake.shutdown_calls == 1  # discover closes its own session
+    assert not fake.initialized
+
+
+def test_real_pynvml_on_this_machine() -> None:
+    import pynvml
+
+    assert hardware.nvml_module() is pynvml
+    info = discover()  # must not raise whether or not this machine has NVML
+    assert info.devices[-1].kind == "cpu"
+    if info.nvml_available:  # a GPU machine: every GPU described
+        assert all(TYPE_RE.match(d.gpu_type or "") for d in info.gpus)
+    else:  # no driver here: the CPU alone, and why
+        assert info.gpus == ()
+        assert info.nvml_error
+        assert info.driver_version is None
+
+
+def test_set_nvml_module_none_restores_pynvml(fake: FakeNvml) -> None:
+    import pynvml
+
+    hardware.set_nvml_module(fake)
+    assert hardware.nvml_module() is fake
+    hardware.set_nvml_module(None)
+    assert hardware.nvml_module() is pynvml
+
+
+def test_discover_snapshot_without_refresh(fake: FakeNvml) -> None:
+    hardware.set_nvml_module(fake)
+    first = discover()
+    fake.gpus[0].memory_free = 1 * GiB
+    assert discover(refresh_free_memory=False) is first
+    fresh = discover()
+    assert fresh.gpus[0].memory_free_bytes == 1 * GiB
+    assert discover(refresh_free_memory=False) is fresh
+    hardware.set_nvml_module(FakeNvml(gpus=[a100()]))  # a new module drops the snapshot
+    assert [d.gpu_type for d in discover(refresh_free_memory=False).gpus] == ["a100"]
+
+
+def test_info_to_dict_is_json(info: HardwareInfo) -> None:
+    data = json.loads(json.dumps(info.to_dict()))
+    assert [d["id"] for d in data["devices"]] == ["cuda:0", "cuda:1", "cpu"]
+    assert data["devices"][1]["compute_capability"] == [8, 0]
+    assert data["cuda_version"] == "12.4"
+    assert data["nvml_available"] is True
+    assert data["python_version"].count(".") == 2
+
+
+# --------------------------------------------------------------------------- device lookup
+
+
+def test_device_lookup(info: HardwareInfo) -> None:
+    assert info.device("cuda:1").gpu_type == "a100"
+    assert info.device("gpu:1").gpu_type == "a100"
+    assert info.device(" CUDA:0 ").gpu_type == "v100"
+    assert info.device("cuda").id == "cuda:0"
+    assert info.device("gpu").id == "cuda:0"
+    assert info.device("cpu") is info.cpu
+
+
+def test_unknown_device_names_existing_ids(info: HardwareInfo) -> None:
+    with pytest.raises(DeviceError) as excinfo:
+        info.device("cuda:5")
+    message = str(excinfo.value)
+    assert "cuda:5" in message
+    for existing in ("cuda:0", "cuda:1", "cpu"):
+        assert existing in message
+    assert excinfo.value.code == "invalid_device"
+
+
+@pytest.mark.parametrize("name", ["cuda", "gpu:0", "tpu", "cuda:-1", ""])
+def test_cpu_only_machine_rejects_gpu_names(name: str) -> None:
+    info = discover(Nvml(FakeNvml(fail_init=True)))
+    with pytest.raises(DeviceError, match="cpu"):
+        info.device(name)
+
+
+# --------------------------------------------------------------------------- CUDA order
+
+
+def test_cuda_visible_devices_indices(monkeypatch: pytest.MonkeyPatch, fake: FakeNvml) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    (only,) = discover(Nvml(fake)).gpus
+    assert (only.id, only.index, only.nvml_index, only.gpu_type) == ("cuda:0", 0, 1, "a100")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert discover(Nvml(fake)).gpus == ()
+
+
+def test_cuda_visible_devices_override_and_uuid(fake: FakeNvml) -> None:
+    a_uuid = fake.gpus[1].uuid
+    assert a_uuid is not None
+    gpus = discover(Nvml(fake), cuda_visible_devices=f"{a_uuid[:12]},0").gpus
+    assert [(d.id, d.nvml_index, d.gpu_type) for d in gpus] == [
+        ("cuda:0", 1, "a100"),
+        ("cuda:1", 0, "v100"),
+    ]
+
+
+def test_cuda_visible_nvml_indices_rules() -> None:
+    uuids = ["GPU-aaaa-1", "GPU-bbbb-2", "GPU-aaaa-3"]
+    assert cuda_visible_nvml_indices(uuids, None) == [0, 1, 2]
+    assert cuda_visible_nvml_indices(uuids, "2,0") == [2, 0]
+    assert cuda_visible_nvml_indices(uuids, "0,7,1") == [0]  # stops at the first bad entry
+    assert cuda_visible_nvml_indices(uuids, "1,1") == [1]
+    assert cuda_visible_nvml_indices(uuids, "GPU-bbbb") == [1]
+    assert cuda_visible_nvml_indices(uuids, "GPU-aaaa") == []  # ambiguous prefix
+    assert cuda_visible_nvml_indices(uuids, "") == []
+    assert cuda_visible_nvml_indices(uuids, "-1") == []
+
+
+def test_discover_sets_pci_bus_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    discover(Nvml(FakeNvml(fail_init=True)))
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+# --------------------------------------------------------------------------- Nvml session
+
+
+def test_nvml_readings(fake: FakeNvml) -> None:
+    nvml = Nvml(fake)
+    assert nvml.available() and nvml.error() is None
+    assert nvml.device_count() == 2
+    assert nvml.memory_info(1) == (80 * GiB, 79 * GiB)
+    assert nvml.power_watts(0) == pytest.approx(250.0)
+    start = nvml.energy_millijoules(0)
+    assert start is not None
+    fake.gpus[0].advance_energy(1500)
+    assert nvml.energy_millijoules(0) == start + 1500
+    fake.advance_time(2.0)  # 250 W for 2 s
+    assert nvml.energy_millijoules(0) == start + 1500 + 500_000
+    assert nvml.energy_millijoules(7) is None  # no such GPU: None, not an exception
+    assert nvml.memory_info(7) is None
+
+
+def test_nvml_energy_step_and_lost_gpu(fake: FakeNvml) -> None:
+    nvml = Nvml(fake)
+    fake.gpus[1].energy_step_mj = 40
+    first = nvml.energy_millijoules(1)
+    second = nvml.energy_millijoules(1)
+    assert first is not None and second == first + 40
+    fake.gpus[1].lost = True
+    assert nvml.energy_millijoules(1) is None
+    assert nvml.name(1) is None
+
+
+def test_nvml_close_is_idempotent(fake: FakeNvml) -> None:
+    with Nvml(fake) as nvml:
+        assert fake.initialized
+    assert not fake.initialized and not nvml.available()
+    nvml.close()
+    assert fake.shutdown_calls == 1
+    assert nvml.energy_millijoules(0) is None  # closed: readings stop, nothing raises
+
+
+def test_nvml_module_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> object:
+        raise ImportError("No module named 'pynvml'")
+
+    monkeypatch.setattr(hardware, "nvml_module", missing)
+    nvml = Nvml()
+    assert not nvml.available()
+    assert "pynvml" in (nvml.error() or "")
+    assert discover(nvml).gpus == ()
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+
+def test_cpu_bandwidth_measured_once_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = cpu_memory_bandwidth_gbps(tmp_path)
+    assert measured > 0
+    cache = tmp_path / "cpu_bandwidth.json"
+    entries = json.loads(cache.read_text())
+    (entry,) = entries.values()
+    assert entry["gbps"] == measured
+    (key,) = entries
+    assert key.endswith(f"|{hardware._cpu_cores()}")
+
+    def no_second_measurement() -> float:
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", no_second_measurement)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == measured
+
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 12.5)
+    assert cpu_memory_bandwidth_gbps(tmp_path, refresh=True) == 12.5
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 12.5
+
+
+def test_cpu_bandwidth_remeasures_a_corrupt_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cpu_bandwidth.json").write_text("{not json")
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
+    assert json.loads((tmp_path / "cpu_bandwidth.json").read_text())
+
+
+def test_cpu_bandwidth_keyed_by_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
+    monkeypatch.setattr(hardware, "_cpu_name", lambda: "Another CPU")
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 9.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 9.0
+    assert len(json.loads((tmp_path / "cpu_bandwidth.json").read_text())) == 2
+
+
+def test_engine_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "nested" / "cache"
+    monkeypatch.setenv("AITBC_ENGINE_CACHE", str(target))
+    assert hardware.engine_cache_dir() == target
+    assert target.is_dir()
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 3.0)
+    assert cpu_memory_bandwidth_gbps() == 3.0
+    assert (target / "cpu_bandwidth.json").is_file()
+
+
+def test_memory_bandwidth_per_device(
+    info: HardwareInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert memory_bandwidth_gbps(info.device("cuda:0")) == 900.0
+    assert memory_bandwidth_gbps(info.device("cuda:1")) == 2039.0
+    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 21.0)
+    assert memory_bandwidth_gbps(info.cpu, tmp_path) == 21.0
+    unknown = Device(
+        "cuda:0", "cuda", 0, "NVIDIA GeForce GTX 1080 Ti", "gtx1080ti", 11 * GiB, 11 * GiB,
+        (6, 1), False,
+    )  # fmt: skip
+    assert memory_bandwidth_gbps(unknown) is None
+    a100_40gb = a100(name="NVIDIA A100-SXM4-40GB", memory_total=40 * GiB, memory_free=39 * GiB)
+    small_a100 = discover(Nvml(FakeNvml(gpus=[a100_40gb])))
+    assert memory_bandwidth_gbps(small_a100.gpus[0]) == 1555.0
+
+
+# --------------------------------------------------------------------------- module hygiene
+
+
+def test_module_does_not_import_torch_at_top_level() -> None:
+    tree = ast.parse(Path(hardware.__file__).read_text())
+    top_level: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.append(node.module)
+    assert not [m for m in top_level if m.split(".")[0] in {"torch", "transformers", "pynvml"}]
