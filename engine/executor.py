@@ -155,7 +155,8 @@ class Engine:
             parsed = job if isinstance(job, Job) else parse_payload(job)
         except InvalidJobError as exc:
             ident = job.get("job_id") if isinstance(job, Mapping) else None
-            bad = Job.model_construct(job_id=str(ident or "invalid"), model="", task="text-generation")
+            bad = Job.model_construct(job_id=str(ident or "invalid"), model="",
+                                      task="text-generation")
             item = _Queued(bad, future, time.monotonic())
             future.set_result(_failed(bad, exc))
             return JobHandle(item, self)
@@ -294,7 +295,7 @@ class Engine:
                 self._queue.popleft()
                 for d in devices:
                     self._slots[d.id] += 1
-            batch = [head] + self._gather(head)
+            batch = [head, *self._gather(head)]
             with self._cond:
                 for item in batch:
                     self._running.add(id(item))

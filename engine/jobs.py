@@ -200,11 +200,13 @@ def _invalid_from(err: ValidationError) -> InvalidJobError:
     return InvalidJobError(f"invalid job: {where}{msg}{more}", field=field)
 
 
-def _reject_unknown(payload: Mapping[str, Any], allowed: set[str], shape: str, prefix: str = "") -> None:
+def _reject_unknown(payload: Mapping[str, Any], allowed: set[str], shape: str,
+                    prefix: str = "") -> None:
     unknown = sorted(str(k) for k in payload if k not in allowed)
     if unknown:
         raise InvalidJobError(
-            f"invalid job: unknown key(s) {unknown} in a {shape} payload; allowed: {sorted(allowed)}",
+            f"invalid job: unknown key(s) {unknown} in a {shape} payload; "
+            f"allowed: {sorted(allowed)}",
             field=f"{prefix}{unknown[0]}",
         )
 
@@ -280,8 +282,8 @@ def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
             return _build({**extra, "model": payload.get("model"), "task": "embedding",
                            "input": texts})
         raise UnsupportedJobTypeError(
-            f"unsupported job type {kind!r}: this engine runs 'inference' (text generation) and "
-            "'embedding' jobs", field="type")
+            f"unsupported job type {kind!r} (field 'type'): this engine runs 'inference' (text "
+            "generation) and 'embedding' jobs", field="type")
     if "task" in payload or "params" in payload:
         return _build({**payload, **extra})
     raise InvalidJobError("invalid job: cannot tell the kind of job; expected engine JSON "
@@ -292,7 +294,7 @@ def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
 def _parse_service(payload: Mapping[str, Any], extra: dict[str, Any]) -> Job:
     if payload["service_type"] != "llm_inference":
         raise UnsupportedJobTypeError(
-            f"unsupported service type {payload['service_type']!r}: this engine runs "
+            f"unsupported service_type {payload['service_type']!r}: this engine runs "
             "'llm_inference'", field="service_type")
     _reject_unknown(payload, {"service_type", "service_request", "job_id"}, "service request")
     req = payload.get("service_request")

@@ -8,6 +8,7 @@ a timestamp per generated token taken inside the decode loop.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -44,7 +45,7 @@ class Measurement:
     def inter_token_seconds(self) -> list[float]:
         """Gaps between consecutive generated tokens."""
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def tpot_seconds(self) -> float | None:
@@ -206,10 +207,12 @@ class MeterWindow:
 
     def _energy_delta(self) -> float | None:
         ends = [self._energy(g) for g in self.gpus]
-        if not self._energy0 or any(v is None for v in self._energy0 + ends):
-            return None
-        total_mj = sum(int(b) - int(a) for a, b in zip(self._energy0, ends, strict=True))  # type: ignore[arg-type]
-        return total_mj / 1000.0
+        total_mj = 0
+        for begin, end in zip(self._energy0, ends, strict=True):
+            if begin is None or end is None:
+                return None
+            total_mj += end - begin
+        return total_mj / 1000.0 if self._energy0 else None
 
     def __enter__(self) -> MeterWindow:
         return self.start()

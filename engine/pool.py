@@ -22,10 +22,10 @@ from typing import Any
 from engine.errors import InsufficientMemoryError
 from engine.hardware import Device
 from engine.loading import (
+    DTYPE_BYTES,
     LoadedModel,
     PoolKey,
     Weights,
-    estimate_bytes,
     load_model,
     resolve_dtype_name,
 )
@@ -160,7 +160,9 @@ class ModelPool:
                 self._loading.pop(key).set()
 
     def _make_room(self, spec: ModelSpec, devices: Sequence[Device], dtype_name: str) -> None:
-        need_each = estimate_bytes(spec, dtype_name) // len(devices)
+        # Budgets count resident weights (what stays while a model is warm);
+        # the working headroom of a job is checked against free memory at load.
+        need_each = spec.parameters * DTYPE_BYTES[dtype_name] // len(devices)
         for device in devices:
             budget = self.budget(device)
             if need_each > budget:

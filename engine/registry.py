@@ -171,7 +171,8 @@ class Registry:
         try:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
-            raise RegistryError(f"cannot read model registry {file}: {exc.strerror or exc}") from exc
+            raise RegistryError(
+                f"cannot read model registry {file}: {exc.strerror or exc}") from exc
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -183,7 +184,8 @@ class Registry:
         """Validate an already-parsed registry document."""
         where = str(file) if file else "registry"
         if not isinstance(raw, dict):
-            raise RegistryError(f"{where}: the top level must be a mapping with 'version' and 'models'")
+            raise RegistryError(
+                f"{where}: the top level must be a mapping with 'version' and 'models'")
         try:
             doc = _RegistryFile.model_validate(raw)
         except ValidationError as exc:
@@ -215,7 +217,8 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self._specs)) or "(none)"
             raise UnknownModelError(
-                f"unknown model {name!r}; this registry ({self.path or 'in memory'}) holds: {known}",
+                f"unknown model {name!r}; this registry ({self.path or 'in memory'}) "
+                f"holds: {known}",
                 field="model",
             ) from None
 

@@ -53,13 +53,32 @@ def make_tiny_gpt2(directory: Path, *, seed: int = 0, n_layer: int = 2, n_embd: 
     return directory
 
 
+def count_parameters(path: Path) -> int:
+    """Parameters stored in a model directory's safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                total += _numel(fh.get_slice(name).get_shape())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def tiny_entry(path: Path, *, context_length: int = 256) -> dict[str, object]:
     """A registry entry for a tiny model directory made by :func:`make_tiny_gpt2`."""
     return {
         "description": "tiny 2-layer GPT-2 made by the tests",
         "task": "text-generation",
         "architecture": "gpt2",
-        "parameters": 150_000,
+        "parameters": count_parameters(path),
         "context_length": context_length,
         "dtype": {"cuda": "auto", "cpu": "float32"},
         "min_gpu_memory_mb": 16,

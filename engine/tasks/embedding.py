@@ -18,7 +18,8 @@ def count_tokens(loaded: LoadedModel, job: Job) -> list[int]:
     """Token count of each input, checked against the model's context length."""
     texts = job.input or []
     try:
-        lengths = [len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        encoded = loaded.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        lengths = [len(ids) for ids in encoded]
     except Exception as exc:
         raise InvalidJobError(f"the tokenizer could not encode the input: {exc}",
                               field="input") from exc

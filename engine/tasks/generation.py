@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,7 +46,7 @@ class _Row:
     params: GenerationParams
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
-    finish: str | None = None
+    finish: Literal["eos", "stop", "length"] | None = None
     text: str = ""
     error: Exception | None = None
     seen: torch.Tensor | None = None  # token ids for the repetition penalty

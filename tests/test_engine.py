@@ -1,0 +1,189 @@
+"""Engine: jobs end to end on real models, typed failures, timeouts, cancellation, batching."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import Engine, parse_payload
+from engine.jobs import GenerationOutput
+
+METRIC_FIELDS = {"execution_time_seconds", "gpu_time_seconds", "load_time_seconds", "device",
+                 "measurement", "prompt_tokens", "completion_tokens", "ttft_seconds",
+                 "tpot_seconds", "peak_memory_bytes"}
+
+
+@pytest.fixture(scope="module")
+def engine(registry_path: Path) -> Iterator[Engine]:
+    with Engine(registry_path, devices=["cpu"], job_timeout=60) as eng:
+        yield eng
+
+
+def _gen(prompt: str = "Hello GPU", **params: object) -> dict[str, object]:
+    return {"task": "text-generation", "model": "tiny-gpt2", "prompt": prompt,
+            "params": {"max_tokens": 8, **params}}
+
+
+def test_tiny_job_completes_with_every_metric(engine: Engine) -> None:
+    result = engine.run(_gen())
+    assert result.ok, result.error
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", result.result_hash or "")
+    m = result.to_dict()["metrics"]
+    assert set(m) >= METRIC_FIELDS
+    assert m["gpu_time_seconds"] == 0.0 and m["device"] == "cpu"
+    assert "energy_joules" not in m  # absent on CPU, never invented
+    assert isinstance(result.output, GenerationOutput)
+    assert m["completion_tokens"] == len(result.output.token_ids) <= 8
+    assert result.profile is not None and result.profile.device_class == "cpu"
+    assert result.profile.weights_digest.startswith("sha256:")
+
+
+def test_same_job_same_hash_and_warm_load_is_zero(engine: Engine) -> None:
+    a, b = engine.run(_gen("the same")), engine.run(_gen("the same"))
+    assert a.result_hash == b.result_hash
+    assert b.metrics is not None and b.metrics.load_time_seconds == 0.0
+
+
+def test_sampled_jobs_are_reproducible_and_seed_sensitive(engine: Engine) -> None:
+    r1 = engine.run(_gen("sample", temperature=1.0, seed=1, max_tokens=16))
+    r2 = engine.run(_gen("sample", temperature=1.0, seed=1, max_tokens=16))
+    r3 = engine.run(_gen("sample", temperature=1.0, seed=2, max_tokens=16))
+    assert r1.output == r2.output and r1.result_hash == r2.result_hash
+    assert r3.result_hash != r1.result_hash
+
+
+def test_top_k_one_is_greedy(engine: Engine) -> None:
+    greedy = engine.run(_gen("topk", max_tokens=12))
+    sampled = engine.run(_gen("topk", max_tokens=12, temperature=0.7, top_k=1, seed=3))
+    assert greedy.output is not None and sampled.output is not None
+    assert greedy.output.token_ids == sampled.output.token_ids  # type: ignore[union-attr]
+
+
+def test_stop_strings_cut_the_text(engine: Engine) -> None:
+    free = engine.run(_gen("stop test", max_tokens=24))
+    assert isinstance(free.output, GenerationOutput)
+    text = free.output.text
+    assert len(text) > 2
+    stop = text[1:3]
+    cut = engine.run(_gen("stop test", max_tokens=24, stop=[stop]))
+    assert isinstance(cut.output, GenerationOutput)
+    assert cut.output.finish_reason == "stop"
+    assert cut.output.text == text[: text.find(stop)]
+    assert cut.output.token_ids == free.output.token_ids[: len(cut.output.token_ids)]
+
+
+@pytest.mark.parametrize(("payload", "code", "field"), [
+    ({"type": "inference", "model": "nope", "prompt": "x"}, "unknown_model", "model"),
+    ({"type": "inference", "model": "tiny-gpt2", "prompt": "a b c d e f", "max_tokens": 253},
+     "context_length_exceeded", "prompt"),
+    ({"type": "inference", "model": "tiny-gpt2", "prompt": "x", "max_tokens": 400},
+     "context_length_exceeded", "max_tokens"),
+    ({"type": "inference", "model": "tiny-gpt2", "prompt": "hello " * 300, "max_tokens": 4},
+     "context_length_exceeded", "prompt"),
+    ({"type": "embedding", "model": "tiny-gpt2", "input": ["x"]}, "invalid_job", "task"),
+    ({"type": "transcribe", "model": "tiny-gpt2"}, "unsupported_job_type", "type"),
+    ({"task": "text-generation", "model": "tiny-gpt2", "prompt_token_ids": [10**6]},
+     "invalid_job", "prompt_token_ids"),
+])
+def test_bad_jobs_fail_typed_and_the_engine_keeps_serving(
+        engine: Engine, payload: dict[str, object], code: str, field: str) -> None:
+    failed = engine.run(payload)
+    assert failed.status == "failed" and failed.error is not None
+    assert (failed.error.code, failed.error.field) == (code, field), failed.error.message
+    assert engine.run(_gen()).ok
+
+
+def test_timeout_fails_the_job_and_the_next_runs(registry_path: Path) -> None:
+    with Engine(registry_path, devices=["cpu"], job_timeout=0.05) as eng:
+        eng.run(_gen(max_tokens=1))  # warm the model so the limit is the job's own time
+        slow = eng.run(_gen(max_tokens=240, prompt="a"))
+        assert slow.status == "failed" and slow.error is not None
+        assert slow.error.code == "timeout"
+        assert eng.run(_gen(max_tokens=1)).ok
+
+
+def test_cancel_a_queued_and_a_running_job(registry_path: Path) -> None:
+    with Engine(registry_path, devices=["cpu"], max_concurrent=1) as eng:
+        eng.run(_gen(max_tokens=1))
+        running = eng.submit(_gen("long", max_tokens=240))
+        queued = eng.submit(_gen("waiting"))
+        assert queued.cancel()
+        assert queued.result(30).error.code == "cancelled"  # type: ignore[union-attr]
+        while not running.running() and not running.done():
+            threading.Event().wait(0.005)
+        running.cancel()
+        assert running.result(60).error.code == "cancelled"  # type: ignore[union-attr]
+        assert eng.run(_gen()).ok
+
+
+def test_concurrency_limit_per_device(registry_path: Path) -> None:
+    with Engine(registry_path, devices=["cpu"], max_concurrent=2) as eng:
+        handles = [eng.submit(_gen(f"job {i}", max_tokens=16)) for i in range(6)]
+        peak = 0
+        while not all(h.done() for h in handles):
+            peak = max(peak, eng.running_count())
+            threading.Event().wait(0.001)
+        assert all(h.result().ok for h in handles)
+        assert 1 <= peak <= 2
+
+
+def test_batched_jobs_keep_their_own_semantics(registry_path: Path) -> None:
+    jobs = [_gen("alpha", max_tokens=3), _gen("a much longer prompt here", max_tokens=12),
+            _gen("stop me", max_tokens=20, stop=["e"]),
+            _gen("sampled", temperature=1.0, seed=11, max_tokens=10)]
+    with Engine(registry_path, devices=["cpu"]) as alone:
+        solo = [alone.run(j) for j in jobs]
+    with Engine(registry_path, devices=["cpu"], batch_size=4, batch_window_seconds=0.5) as eng:
+        together = [h.result() for h in [eng.submit(j) for j in jobs]]
+    for a, b in zip(solo, together, strict=True):
+        assert b.ok and b.profile is not None and b.profile.batched and b.profile.batch_size == 4
+        assert a.output == b.output and a.result_hash == b.result_hash
+
+
+def test_embedding_job_on_the_shipped_minilm(engine: Engine) -> None:
+    result = engine.run({"type": "embedding", "model": "all-minilm-l6-v2",
+                         "input": ["a miner", "a validator"]})
+    assert result.ok, result.error
+    vecs = result.output.embeddings  # type: ignore[union-attr]
+    assert len(vecs) == 2 and len(vecs[0]) == 384
+    assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-4
+
+
+def _cli_run(*args: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-m", "engine", "run", *args, "--json"],
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_smollm2_paris_in_two_processes_same_hash() -> None:
+    args = ("smollm2-135m", "--prompt", "The capital of France is", "--max-tokens", "8")
+    first, second = _cli_run(*args), _cli_run(*args)
+    assert "Paris" in first["output"]["text"]  # type: ignore[index]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", first["result_hash"])  # type: ignore[arg-type]
+    assert first["metrics"]["gpu_time_seconds"] == 0.0  # type: ignore[index]
+    assert set(first["metrics"]) >= METRIC_FIELDS  # type: ignore[arg-type]
+    assert first["result_hash"] == second["result_hash"]
+
+
+def test_sampled_generation_reproducible_across_processes(registry_path: Path,
+                                                          tmp_path: Path) -> None:
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"type": "inference", "model": "tiny-gpt2", "prompt": "Hello",
+                               "max_tokens": 12, "temperature": 0.9, "seed": 42}))
+    a = _cli_run("--job", str(job), "--registry", str(registry_path))
+    b = _cli_run("--job", str(job), "--registry", str(registry_path))
+    assert a["output"] == b["output"] and a["result_hash"] == b["result_hash"]
+
+
+def test_parse_then_run_matches_direct_job(engine: Engine) -> None:
+    payload = {"type": "inference", "model": "tiny-gpt2", "prompt": "Hello GPU", "max_tokens": 8}
+    assert engine.run(parse_payload(payload)).result_hash == engine.run(payload).result_hash
