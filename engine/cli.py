@@ -21,6 +21,7 @@ from typing import Any
 from engine.errors import EngineError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "engine.cli_mine",
 )
 
 

@@ -221,6 +221,9 @@ def _fetch_from_hub(spec: ModelSpec) -> Path:
 # ------------------------------------------------------------------ weight digest
 
 _digest_lock = threading.Lock()
+# transformers' loading is not safe across threads (two concurrent loads can
+# leave tensors on the meta device), so loads in one process take turns.
+_load_lock = threading.Lock()
 
 
 def weights_digest(files: Sequence[Path], cache_dir: Path | None = None) -> str:
@@ -510,8 +513,8 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     dtype_name = resolve_dtype_name(spec, devices[0], dtype)
     if check_memory:
         check_fits(spec, devices, dtype_name)
-    started = time.perf_counter()
-    with _quiet_transformers():
+    with _load_lock, _quiet_transformers():
+        started = time.perf_counter()
         if weights == "random":
             model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
         else:

@@ -72,13 +72,14 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def tiny_entry(path: Path, *, context_length: int = 256) -> dict[str, object]:
+def tiny_entry(path: Path, *, context_length: int = 256,
+               parameters: int | None = None) -> dict[str, object]:
     """A registry entry for a tiny model directory made by :func:`make_tiny_gpt2`."""
     return {
         "description": "tiny 2-layer GPT-2 made by the tests",
         "task": "text-generation",
         "architecture": "gpt2",
-        "parameters": count_parameters(path),
+        "parameters": parameters or count_parameters(path),
         "context_length": context_length,
         "dtype": {"cuda": "auto", "cpu": "float32"},
         "min_gpu_memory_mb": 16,

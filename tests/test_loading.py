@@ -77,7 +77,8 @@ def test_min_gpu_memory_is_enforced(registry: Registry) -> None:
 def _local_registry(tmp_path: Path, directory: Path) -> Registry:
     from conftest import tiny_entry, write_registry
 
-    return Registry.load(write_registry(tmp_path / "r.yaml", {"m": tiny_entry(directory)}))
+    entry = tiny_entry(directory, parameters=100_000)
+    return Registry.load(write_registry(tmp_path / "r.yaml", {"m": entry}))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from typing import Any
 
@@ -45,8 +46,9 @@ def test_cpu_window_measures_wall_tokens_and_memory() -> None:
     window = meter.window([discover().cpu]).start()
     time.sleep(0.02)
     window.token()
-    blob = bytearray(32 * 2**20)  # grow resident memory
-    blob[::4096] = b"x" * len(blob[::4096])
+    blob = mmap.mmap(-1, 64 * 2**20)  # fresh pages, so resident memory must grow
+    for offset in range(0, len(blob), 4096):
+        blob[offset] = 1
     time.sleep(0.03)
     window.token()
     window.token()
@@ -59,7 +61,7 @@ def test_cpu_window_measures_wall_tokens_and_memory() -> None:
     assert len(m.inter_token_seconds) == 2
     assert m.peak_memory_bytes is not None and m.peak_memory_bytes >= 16 * 2**20
     assert window.stop() is m  # stopping twice changes nothing
-    del blob
+    blob.close()
 
 
 def test_gpu_window_sums_gpus_and_reads_nvml_energy() -> None:

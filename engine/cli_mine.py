@@ -1,0 +1,124 @@
+"""``aitbc-engine mine``: run the mining agent against a coordinator (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+
+
+def _default_state_dir() -> Path:
+    from engine.hardware import engine_cache_dir
+
+    return engine_cache_dir() / "miner"
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``mine`` subcommand."""
+    from engine.cli import add_engine_options
+
+    p = subparsers.add_parser("mine", help="take jobs from a coordinator, run them, submit results")
+    p.add_argument("--registry", type=Path, default=None,
+                   help="model registry file (default: $AITBC_ENGINE_REGISTRY or the "
+                        "packaged models.yaml)")
+    add_engine_options(p)
+    p.add_argument("--coordinator", required=True, metavar="URL",
+                   help="the coordinator's base URL, e.g. https://coordinator.example:8000")
+    p.add_argument("--dialect", required=True, choices=["doc", "aitbc"],
+                   help="wire protocol: 'doc' (published Miner API) or 'aitbc' (deployed)")
+    p.add_argument("--api-key", default=None,
+                   help="API key (default: $AITBC_API_KEY; for doc, the one registration gave)")
+    p.add_argument("--miner-id", default=None,
+                   help="miner id (aitbc: chosen by you, default miner-<hostname>; doc: issued "
+                        "at registration)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="jobs run at once")
+    p.add_argument("--price-per-hour", type=float, default=0.0, help="price offered per hour")
+    p.add_argument("--location", default=None, help="region/location announced")
+    p.add_argument("--once", action="store_true", help="take at most one job, then exit")
+    p.add_argument("--max-jobs", type=int, default=None, help="stop after taking N jobs")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the outbox journal lives (default: the engine cache dir/miner)")
+    p.add_argument("--heartbeat-interval", type=float, default=15.0)
+    p.add_argument("--poll-wait", type=float, default=5.0,
+                   help="long-poll seconds (aitbc)")
+    p.add_argument("--idle", type=float, default=2.0, help="pause after an empty poll, seconds")
+    p.add_argument("--timeout", type=float, default=None, help="job time limit in seconds")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="HTTP read timeout, seconds")
+    p.add_argument("--json", action="store_true", help="print the run's report as JSON at exit")
+    p.set_defaults(handler=_cmd_mine)
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from engine.cli import build_engine
+    from engine.coordinator import (
+        Agent,
+        AgentConfig,
+        Outbox,
+        UnauthorizedError,
+        connect,
+        detect_capabilities,
+        redact,
+    )
+    from engine.loading import availability
+
+    if args.max_concurrent < 1:
+        raise EngineError("--max-concurrent must be at least 1", code="usage")
+    logging.getLogger("engine.coordinator").setLevel(
+        logging.DEBUG if args.verbose > 1 else logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr)
+    api_key = args.api_key or os.environ.get("AITBC_API_KEY") or None
+    if args.dialect == "aitbc" and not api_key:
+        raise EngineError("the aitbc dialect needs an API key: pass --api-key or set "
+                          "AITBC_API_KEY", code="usage")
+    miner_id = args.miner_id or (f"miner-{socket.gethostname()}" if args.dialect == "aitbc"
+                                 else None)
+    state_dir = args.state_dir or _default_state_dir()
+    outbox = Outbox(state_dir / "outbox.sqlite3")
+    coordinator = connect(args.dialect, args.coordinator, api_key=api_key, miner_id=miner_id,
+                          outbox=outbox, read_timeout=args.read_timeout)
+    engine = build_engine(args, max_concurrent=args.max_concurrent, job_timeout=args.timeout)
+    weights_here = (lambda spec: True) if engine.weights == "random" \
+        else (lambda spec: availability(spec).available)
+    caps = detect_capabilities(engine.hardware, engine.registry, devices=engine.devices,
+                               is_available=weights_here, max_concurrent=args.max_concurrent,
+                               price_per_hour=args.price_per_hour, location=args.location)
+    logging.getLogger("engine.coordinator").info(
+        "mining at %s (%s) as %s, key %s: %s", coordinator.base_url, args.dialect,
+        miner_id or "(new)", redact(api_key), json.dumps(caps.to_dict()))
+    if not caps.models:
+        print(f"aitbc-engine: warning: no model of the registry can run here "
+              f"({engine.registry.path}); see `aitbc-engine models`", file=sys.stderr)
+    config = AgentConfig(max_concurrent=args.max_concurrent, max_jobs=args.max_jobs,
+                         once=args.once, heartbeat_interval=args.heartbeat_interval,
+                         poll_wait_seconds=args.poll_wait, idle_seconds=args.idle)
+    agent = Agent(coordinator, engine, outbox, caps, config)
+    agent.install_signal_handlers()
+    try:
+        report = agent.run()
+    except UnauthorizedError as exc:
+        print(f"aitbc-engine: error: the coordinator at {coordinator.base_url} refused this "
+              f"miner's credentials ({exc.status} unauthorized: {exc.message}). Check the API "
+              f"key (--api-key or AITBC_API_KEY; given: {redact(api_key)}) and the miner id "
+              f"({coordinator.miner_id or 'none yet'}), and ask the coordinator's operator "
+              "whether the key was revoked.", file=sys.stderr)
+        return 3
+    finally:
+        engine.close()
+        coordinator.close()
+        outbox.close()
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"jobs taken {report.jobs_taken}, completed {report.completed}, failed "
+              f"{report.failed}, results submitted {report.results_submitted}, journal "
+              f"pending {report.pending_left}")
+    return 0 if report.pending_left == 0 else 4

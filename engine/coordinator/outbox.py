@@ -1,0 +1,244 @@
+"""The outbox: a SQLite journal (WAL, synchronous=FULL) of every job this miner took.
+
+A job is journalled ``accepted`` (with its payload) as soon as the coordinator
+assigns it, then ``result`` or ``failure`` (with the exact wire body) when it
+finishes, before anything is submitted. Only the coordinator's acknowledgement
+removes it, moving it to ``acked`` (with the receipt, when one came) in the
+same transaction; ``acked`` is checked before any submission, so a result is
+never sent again after it was acknowledged. A body the coordinator refused
+(400/422) is kept as ``rejected`` for inspection; a job the coordinator no
+longer holds for us is kept as ``dropped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+State = Literal["accepted", "result", "failure", "rejected", "dropped"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    scope TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    payload TEXT,
+    body TEXT,
+    result TEXT,
+    note TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    accepted_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (scope, job_id)
+);
+CREATE TABLE IF NOT EXISTS acked (
+    scope TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    acked_at REAL NOT NULL,
+    receipt TEXT,
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, job_id)
+);
+CREATE TABLE IF NOT EXISTS identity (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journalled job."""
+
+    scope: str
+    job_id: str
+    state: State
+    payload: Any
+    body: dict[str, Any] | None
+    result: dict[str, Any] | None
+    note: str | None
+    attempts: int
+    accepted_at: float | None
+    finished_at: float | None
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Outbox:
+    """The journal at ``path`` (created, with its folder, when missing). Thread-safe."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)  # it holds the doc dialect's api key
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ writes
+    def accepted(self, scope: str, job_id: str, payload: Any) -> None:
+        """Journal a job the coordinator assigned to us, before it runs."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO entries (scope, job_id, state, payload, "
+                       "accepted_at, updated_at) VALUES (?, ?, 'accepted', ?, ?, ?)",
+                       (scope, job_id, _dumps(payload), now, now))
+
+    def finished(self, scope: str, job_id: str, kind: Literal["result", "failure"],
+                 body: dict[str, Any], result: dict[str, Any] | None = None) -> None:
+        """Journal a finished job's wire body (and the engine's JobResult) before submitting it."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("UPDATE entries SET state = ?, body = ?, result = ?, finished_at = ?, "
+                             "updated_at = ? WHERE scope = ? AND job_id = ?",
+                             (kind, _dumps(body), _dumps(result), now, now, scope, job_id))
+            if cur.rowcount == 0:
+                db.execute("INSERT INTO entries (scope, job_id, state, body, result, "
+                           "finished_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (scope, job_id, kind, _dumps(body), _dumps(result), now, now))
+
+    def attempted(self, scope: str, job_id: str, note: str | None = None) -> None:
+        """Count a submission attempt that did not get an answer (it stays pending)."""
+        with self._tx() as db:
+            db.execute("UPDATE entries SET attempts = attempts + 1, note = ?, updated_at = ? "
+                       "WHERE scope = ? AND job_id = ?", (note, time.time(), scope, job_id))
+
+    def acknowledge(self, scope: str, job_id: str, *, receipt: dict[str, Any] | None = None,
+                    duplicate: bool = False) -> None:
+        """The coordinator acknowledged: move the entry to ``acked`` in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM entries WHERE scope = ? AND job_id = ?",
+                             (scope, job_id)).fetchone()
+            kind = row[0] if row else "result"
+            db.execute("DELETE FROM entries WHERE scope = ? AND job_id = ?", (scope, job_id))
+            db.execute("INSERT OR REPLACE INTO acked (scope, job_id, kind, acked_at, receipt, "
+                       "duplicate) VALUES (?, ?, ?, ?, ?, ?)",
+                       (scope, job_id, kind, time.time(), _dumps(receipt), int(duplicate)))
+
+    def _set_state(self, scope: str, job_id: str, state: State, note: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE entries SET state = ?, note = ?, updated_at = ? "
+                       "WHERE scope = ? AND job_id = ?", (state, note, time.time(), scope, job_id))
+
+    def reject(self, scope: str, job_id: str, note: str) -> None:
+        """The coordinator refused the body (400/422): keep it for inspection, never resend."""
+        self._set_state(scope, job_id, "rejected", note)
+
+    def drop(self, scope: str, job_id: str, note: str) -> None:
+        """The coordinator no longer holds the job for us: keep it as ``dropped`` with why."""
+        self._set_state(scope, job_id, "dropped", note)
+
+    # ------------------------------------------------------------ reads
+    def _entries(self, where: str, args: tuple[Any, ...]) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT scope, job_id, state, payload, body, result, note, attempts, "
+                f"accepted_at, finished_at FROM entries WHERE {where} "
+                "ORDER BY COALESCE(finished_at, accepted_at), job_id", args).fetchall()
+        return [Entry(r[0], r[1], r[2], _loads(r[3]), _loads(r[4]), _loads(r[5]), r[6], r[7],
+                      r[8], r[9]) for r in rows]
+
+    def pending(self, scope: str) -> list[Entry]:
+        """Finished jobs not yet acknowledged (results and failures), oldest first."""
+        return self._entries("scope = ? AND state IN ('result', 'failure')", (scope,))
+
+    def in_flight(self, scope: str) -> list[Entry]:
+        """Jobs accepted but not finished (their process died while running them)."""
+        return self._entries("scope = ? AND state = 'accepted'", (scope,))
+
+    def entries(self, scope: str | None = None, state: State | None = None) -> list[Entry]:
+        """Every entry still in the journal (for inspection and tests)."""
+        clauses, args = ["1 = 1"], []
+        if scope is not None:
+            clauses.append("scope = ?")
+            args.append(scope)
+        if state is not None:
+            clauses.append("state = ?")
+            args.append(state)
+        return self._entries(" AND ".join(clauses), tuple(args))
+
+    def get(self, scope: str, job_id: str) -> Entry | None:
+        """The journal entry of one job, if it is still there."""
+        found = self._entries("scope = ? AND job_id = ?", (scope, job_id))
+        return found[0] if found else None
+
+    def was_acked(self, scope: str, job_id: str) -> bool:
+        """True when the coordinator already acknowledged this job."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM acked WHERE scope = ? AND job_id = ?",
+                                   (scope, job_id)).fetchone()
+        return row is not None
+
+    def ack_of(self, scope: str, job_id: str) -> dict[str, Any] | None:
+        """The acknowledgement of a job (``duplicate``: taken from a 409), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT kind, acked_at, receipt, duplicate FROM acked WHERE "
+                                   "scope = ? AND job_id = ?", (scope, job_id)).fetchone()
+        if row is None:
+            return None
+        return {"kind": row[0], "acked_at": row[1], "receipt": _loads(row[2]),
+                "duplicate": bool(row[3])}
+
+    def forget_ack(self, scope: str, job_id: str) -> None:
+        """Forget an acknowledgement that proved wrong (the job was assigned to us again)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM acked WHERE scope = ? AND job_id = ?", (scope, job_id))
+
+    def acked(self, scope: str | None = None) -> list[dict[str, Any]]:
+        """Acknowledged jobs with their receipts."""
+        sql = "SELECT scope, job_id, kind, acked_at, receipt, duplicate FROM acked"
+        with self._lock:
+            rows = (self._db.execute(sql + " WHERE scope = ? ORDER BY acked_at", (scope,))
+                    if scope is not None else self._db.execute(sql + " ORDER BY acked_at")
+                    ).fetchall()
+        return [{"scope": r[0], "job_id": r[1], "kind": r[2], "acked_at": r[3],
+                 "receipt": _loads(r[4]), "duplicate": bool(r[5])} for r in rows]
+
+    # ------------------------------------------------------------ identity
+    def save_identity(self, key: str, data: dict[str, Any]) -> None:
+        """Persist the miner's identity at a coordinator (the doc dialect's id and key)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO identity (key, data) VALUES (?, ?)",
+                       (key, _dumps(data)))
+
+    def load_identity(self, key: str) -> dict[str, Any] | None:
+        """The identity saved under ``key``, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM identity WHERE key = ?", (key,)).fetchone()
+        return _loads(row[0]) if row else None
