@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from engine.errors import (
     DeviceError,
@@ -44,10 +44,11 @@ from engine.jobs import (
     Metrics,
     parse_payload,
 )
-from engine.loading import LoadedModel, Weights
+from engine.loading import LoadedModel, PoolKey, Weights
 from engine.metering import Measurement, Meter, MeterWindow, share_by_work
 from engine.pool import ModelPool, release_memory
 from engine.registry import ModelSpec, Registry
+from engine.tasks.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ def _version(dist: str) -> str:
 
 
 ENGINE_VERSION = _version("aitbc-engine")
+
+# "auto": the static-cache path with CUDA graphs for single jobs on CUDA, the
+# dynamic-cache loop everywhere else (on the CPU the static cache does not pay).
+Decode = Literal["auto", "dynamic", "static"]
 
 
 @dataclass
@@ -106,7 +111,8 @@ class Engine:
     ``devices`` names the device ids to use (default: every GPU, else the CPU).
     ``weights="random"`` runs every model with seeded random weights (benchmarks
     where the hub is out of reach). ``job_timeout`` bounds each job's time on
-    its device, in seconds.
+    its device, in seconds. ``decode`` picks the single-stream decode path
+    (``auto``: static cache with CUDA graphs on GPUs, dynamic cache on the CPU).
     """
 
     def __init__(self, registry: Registry | str | Path | None = None, *,
@@ -115,7 +121,7 @@ class Engine:
                  meter: Meter | None = None, max_concurrent: int = 1,
                  job_timeout: float | None = None, weights: Weights = "pretrained",
                  dtype: str | None = None, batch_size: int = 1,
-                 batch_window_seconds: float = 0.0):
+                 batch_window_seconds: float = 0.0, decode: Decode = "auto"):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         if batch_size < 1:
@@ -135,6 +141,8 @@ class Engine:
         self.dtype = dtype
         self.batch_size = batch_size
         self.batch_window_seconds = batch_window_seconds
+        self.decode: Decode = decode
+        self._static_broken: set[PoolKey] = set()
         self._slots = {d.id: 0 for d in self.devices}
         self._queue: deque[_Queued] = deque()
         self._cond = threading.Condition()
@@ -387,11 +395,11 @@ class Engine:
             return _failed(job, _classify(exc))
         metrics = _metrics(measured, load_seconds, sum(lengths), 0,
                            queue_seconds=queued_until - item.submitted)
-        return self._completed(job, loaded, output, metrics, 1)
+        return self._completed(job, loaded, output, metrics, 1, "encoder")
 
     def _run_generation(self, loaded: LoadedModel, batch: list[_Queued], load_seconds: float,
                         queued_until: float) -> list[JobResult]:
-        from engine.tasks.generation import GenerationRequest, encode_prompt, generate
+        from engine.tasks.generation import encode_prompt
 
         results: dict[int, JobResult] = {}
         requests: list[tuple[int, GenerationRequest]] = []
@@ -405,26 +413,8 @@ class Engine:
                                                   cancelled=item.cancelled.is_set)))
         if requests:
             shared = len(requests) > 1
-            # Alone, a job's window is the device window; in a batch each job
-            # gets a clock and the device window is shared by token work.
-            device_window = self.meter.window(loaded.devices)
-            for _, req in requests:
-                req.window = (MeterWindow([], None, track_memory=False) if shared
-                              else device_window)
-            with loaded.lock:
-                device_window.start()
-                now = time.monotonic()
-                for _, req in requests:
-                    if shared:
-                        assert req.window is not None
-                        req.window.start()
-                    req.deadline = self._deadline(now)
-                try:
-                    outcomes = generate(loaded, [r for _, r in requests])
-                except Exception:
-                    device_window.stop()
-                    raise
-                held = device_window.stop()
+            reqs = [r for _, r in requests]
+            outcomes, held, decode = self._decode(loaded, reqs)
             own = [r.window.stop() for _, r in requests if r.window is not None]
             work = [len(r.prompt_ids) + len(o.token_ids) if isinstance(o, GenerationOutput)
                     else len(r.prompt_ids) for (_, r), o in zip(requests, outcomes, strict=True)]
@@ -449,17 +439,70 @@ class Engine:
                     gpu_busy_seconds=busy[k], energy_joules=energy[k],
                     peak_memory_bytes=held.peak_memory_bytes,
                     queue_seconds=queued_until - batch[n].submitted)
-                results[n] = self._completed(job, loaded, outcome, metrics, len(requests))
+                results[n] = self._completed(job, loaded, outcome, metrics, len(requests),
+                                             decode)
         return [results[n] for n in range(len(batch))]
 
+    def _wants_static(self, loaded: LoadedModel) -> bool:
+        if loaded.key in self._static_broken or self.decode == "dynamic":
+            return False
+        return self.decode == "static" or loaded.devices[0].kind == "cuda"
+
+    def _decode(self, loaded: LoadedModel, requests: list[GenerationRequest]
+                ) -> tuple[list[GenerationOutput | Exception], Measurement, str]:
+        """Run the decode under the model's lock with fresh windows; falls back once if the
+        fast path breaks for a reason that is not the job's."""
+        from engine.tasks.generation import generate
+        from engine.tasks.static_decode import decode_label, generate_static
+
+        static = len(requests) == 1 and self._wants_static(loaded)
+        shared = len(requests) > 1
+        # Alone, a job's window is the device window; in a batch each job
+        # gets a clock and the device window is shared by token work.
+        device_window = self.meter.window(loaded.devices)
+        for req in requests:
+            req.window = MeterWindow([], None, track_memory=False) if shared else device_window
+        with loaded.lock:
+            device_window.start()
+            now = time.monotonic()
+            for req in requests:
+                if shared:
+                    assert req.window is not None
+                    req.window.start()
+                req.deadline = self._deadline(now)
+            outcomes: list[GenerationOutput | Exception]
+            try:
+                if static:
+                    try:
+                        outcomes = [generate_static(loaded, requests[0])]
+                    except EngineError as exc:
+                        outcomes = [exc]
+                else:
+                    outcomes = generate(loaded, requests)
+            except Exception as exc:
+                device_window.stop()
+                if not static:
+                    raise
+                log.warning("the static-cache decode path failed on %s (%s: %s); using the "
+                            "dynamic-cache path for this model from now on", loaded.key,
+                            type(exc).__name__, exc)
+                self._static_broken.add(loaded.key)
+                release_memory(loaded.devices)
+                static = False
+                outcomes = None  # type: ignore[assignment]
+            if outcomes is not None:
+                return outcomes, device_window.stop(), (
+                    decode_label(loaded) if static else "dynamic-cache")
+        return self._decode(loaded, requests)
+
     def _completed(self, job: Job, loaded: LoadedModel, output: GenerationOutput | EmbeddingOutput,
-                   metrics: Metrics, batch_size: int) -> JobResult:
+                   metrics: Metrics, batch_size: int, decode: str = "dynamic-cache") -> JobResult:
         profile = ExecutionProfile(
             model=loaded.spec.name, weights=loaded.weights, weights_digest=loaded.weights_digest,
             dtype=loaded.dtype_name, device_class=loaded.device_class,
             device_count=len(loaded.devices), torch_version=_version("torch"),
             transformers_version=_version("transformers"), engine_version=ENGINE_VERSION,
-            hash_version=HASH_VERSION, decode="dynamic-cache", batched=batch_size > 1,
+            hash_version=HASH_VERSION, decode=decode, batched=batch_size > 1,
             batch_size=batch_size)
         return JobResult(job_id=job.job_id, model=job.model, task=job.task, status="completed",
                          output=output, result_hash=result_hash(job, output, loaded.weights_digest),

@@ -187,3 +187,42 @@ def test_sampled_generation_reproducible_across_processes(registry_path: Path,
 def test_parse_then_run_matches_direct_job(engine: Engine) -> None:
     payload = {"type": "inference", "model": "tiny-gpt2", "prompt": "Hello GPU", "max_tokens": 8}
     assert engine.run(parse_payload(payload)).result_hash == engine.run(payload).result_hash
+
+
+def test_static_cache_path_keeps_the_job_semantics(registry_path: Path) -> None:
+    """The fast path (static cache; CUDA graphs on GPUs) is exercised uncompiled on the CPU."""
+    jobs = [_gen("static one", max_tokens=10), _gen("static two", max_tokens=24, stop=["e"]),
+            _gen("static three", max_tokens=6, temperature=0.8, seed=5)]
+    with Engine(registry_path, devices=["cpu"]) as dynamic:
+        expected = [dynamic.run(j) for j in jobs]
+    with Engine(registry_path, devices=["cpu"], decode="static") as static:
+        got = [static.run(j) for j in jobs]
+    for job, want, have in zip(jobs, expected, got, strict=True):
+        assert have.ok and have.profile is not None, have.error
+        assert have.profile.decode == "static-cache"
+        assert isinstance(have.output, GenerationOutput)
+        assert isinstance(want.output, GenerationOutput)
+        assert len(have.output.token_ids) <= job["params"]["max_tokens"]  # type: ignore[index]
+        assert have.metrics is not None and have.metrics.ttft_seconds is not None
+        assert have.metrics.completion_tokens == len(have.output.token_ids)
+    assert got[0].output == expected[0].output  # greedy: the same tokens on this model
+    assert got[1].output.finish_reason in ("stop", "eos", "length")  # type: ignore[union-attr]
+    assert "e" not in got[1].output.text  # type: ignore[union-attr]
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(registry_path: Path) -> None:
+    sampled = _gen("lucky draw", temperature=1.2, seed=99, max_tokens=12)
+    others = [_gen("mate one", max_tokens=3), _gen("mate two is longer", max_tokens=16),
+              _gen("mate three", temperature=0.9, seed=1, max_tokens=8),
+              _gen("mate four", max_tokens=5, stop=["a"])]
+    with Engine(registry_path, devices=["cpu"]) as alone:
+        want = alone.run(sampled)
+    for mates in (others[:1], others[:2], others, others[2:]):
+        size = len(mates) + 1
+        with Engine(registry_path, devices=["cpu"], batch_size=size,
+                    batch_window_seconds=0.5) as eng:
+            handles = [eng.submit(j) for j in [*mates[:1], sampled, *mates[1:]]]
+            results = [h.result() for h in handles]
+        mine = results[1]
+        assert mine.profile is not None and mine.profile.batch_size == size
+        assert mine.output == want.output and mine.result_hash == want.result_hash

@@ -1,0 +1,174 @@
+"""Throughput: the engine batched against the engine one job at a time, side by side.
+
+For each new-token count and each concurrency level c, the same fixed set of
+prompts (64 by default, all different) runs twice through `Engine`:
+
+* one at a time (`batch_size=1`): every job alone. Its per-job times do not
+  depend on c, so this run is made once per new-token count; the latency a job
+  would see when c jobs arrive together and queue for one slot is replayed from
+  those measured times (first-in, first-out);
+* batched (`batch_size=c`): the prompts are submitted in groups of c at once
+  and the engine decodes each group as one batch; latency is submit to result.
+
+Prints aggregate output tokens/s for both, their ratio, p50/p99 job latency,
+and the agreement rate: the fraction of jobs whose batched tokens (and so
+result hash) equal the one-at-a-time tokens, naming the prompts that differ.
+
+    python benchmarks/throughput.py [--model smollm2-135m] [--concurrency 1,2,4,8,16]
+                                    [--new-tokens 32,128] [--prompts 64] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from typing import Any
+
+from engine import Engine
+from engine.jobs import GenerationOutput, JobResult
+
+SUBJECTS = ["the ocean", "a GPU", "Paris", "bread", "the moon", "a violin", "winter", "rivers",
+            "chess", "a lighthouse", "bees", "the printing press"]
+FRAMES = ["Tell me about {}.", "Write one sentence about {}.", "What is special about {}?",
+          "Describe {} to a child.", "List three facts about {}.", "Why do people love {}?"]
+
+
+def prompts(count: int) -> list[str]:
+    """``count`` different prompts, the same on every run."""
+    pool = [f.format(s) for f, s in itertools.product(FRAMES, SUBJECTS)]
+    if count > len(pool):
+        raise SystemExit(f"at most {len(pool)} prompts")
+    return pool[:count]
+
+
+def _job(model: str, prompt: str, new_tokens: int) -> dict[str, Any]:
+    return {"task": "text-generation", "model": model, "prompt": prompt,
+            "params": {"max_tokens": new_tokens, "temperature": 0.0}}
+
+
+def _tokens(result: JobResult) -> list[int]:
+    assert result.ok and isinstance(result.output, GenerationOutput), result.error
+    return result.output.token_ids
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def one_at_a_time(engine: Engine, model: str, texts: list[str], new_tokens: int
+                  ) -> tuple[list[list[int]], list[float]]:
+    """Each job alone; returns tokens and execution seconds per job."""
+    tokens, seconds = [], []
+    for text in texts:
+        started = time.perf_counter()
+        result = engine.run(_job(model, text, new_tokens))
+        seconds.append(time.perf_counter() - started)
+        tokens.append(_tokens(result))
+    return tokens, seconds
+
+
+def batched(engine: Engine, model: str, texts: list[str], new_tokens: int, c: int
+            ) -> tuple[list[list[int]], list[float], float, list[int]]:
+    """Groups of c submitted at once; returns tokens, latencies, wall and batch sizes seen."""
+    tokens: list[list[int]] = []
+    latencies: list[float] = []
+    sizes: list[int] = []
+    wall = 0.0
+    for start in range(0, len(texts), c):
+        group = texts[start:start + c]
+        began = time.perf_counter()
+        handles = [(engine.submit(_job(model, t, new_tokens)), time.perf_counter())
+                   for t in group]
+        for handle, submitted in handles:
+            result = handle.result()
+            latencies.append(time.perf_counter() - submitted)
+            tokens.append(_tokens(result))
+            assert result.profile is not None
+            sizes.append(result.profile.batch_size)
+        wall += time.perf_counter() - began
+    return tokens, latencies, wall, sizes
+
+
+def replay_queue(seconds: list[float], c: int) -> list[float]:
+    """Latency of each job when c arrive together and one slot serves them in order."""
+    out: list[float] = []
+    for start in range(0, len(seconds), c):
+        waited = 0.0
+        for s in seconds[start:start + c]:
+            waited += s
+            out.append(waited)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--new-tokens", default="32,128")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--window", type=float, default=0.05, help="batch gathering window (s)")
+    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    lengths = [int(x) for x in args.new_tokens.split(",")]
+    texts = prompts(args.prompts)
+    rows: list[dict[str, Any]] = []
+    options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
+    with Engine(**options) as alone:  # type: ignore[arg-type]
+        alone.run(_job(args.model, texts[0], 4))  # load and warm up, not measured
+        for new_tokens in lengths:
+            solo_tokens, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
+            solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
+            for c in levels:
+                with Engine(**options, batch_size=c,  # type: ignore[arg-type]
+                            batch_window_seconds=args.window) as eng:
+                    eng.run(_job(args.model, texts[0], 4))
+                    b_tokens, b_lat, b_wall, sizes = batched(eng, args.model, texts,
+                                                             new_tokens, c)
+                rate = sum(map(len, b_tokens)) / b_wall
+                same = [a == b for a, b in zip(solo_tokens, b_tokens, strict=True)]
+                q_lat = replay_queue(solo_seconds, c)
+                rows.append({
+                    "new_tokens": new_tokens, "concurrency": c, "jobs": len(texts),
+                    "alone_tokens_per_s": solo_rate, "batched_tokens_per_s": rate,
+                    "ratio": rate / solo_rate,
+                    "alone_p50_s": statistics.median(q_lat), "alone_p99_s": _pct(q_lat, 99),
+                    "batched_p50_s": statistics.median(b_lat), "batched_p99_s": _pct(b_lat, 99),
+                    "agreement": sum(same) / len(same), "mean_batch": statistics.mean(sizes),
+                    "differing_prompts": [t for t, ok in zip(texts, same, strict=True) if not ok],
+                })
+                r = rows[-1]
+                print(f"new={new_tokens:4d} c={c:3d}  alone {r['alone_tokens_per_s']:7.1f} tok/s"
+                      f"  batched {r['batched_tokens_per_s']:7.1f} tok/s  x{r['ratio']:5.2f}"
+                      f"  p50/p99 alone {r['alone_p50_s']:6.2f}/{r['alone_p99_s']:6.2f} s"
+                      f"  batched {r['batched_p50_s']:6.2f}/{r['batched_p99_s']:6.2f} s"
+                      f"  agree {r['agreement']:6.1%}  mean batch {r['mean_batch']:.1f}",
+                      flush=True)
+    print()
+    print("| new tokens | concurrent | alone tok/s | batched tok/s | ratio | alone p50/p99 s "
+          "| batched p50/p99 s | agreement |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['new_tokens']} | {r['concurrency']} | {r['alone_tokens_per_s']:.1f} | "
+              f"{r['batched_tokens_per_s']:.1f} | {r['ratio']:.2f} | {r['alone_p50_s']:.2f}/"
+              f"{r['alone_p99_s']:.2f} | {r['batched_p50_s']:.2f}/{r['batched_p99_s']:.2f} | "
+              f"{r['agreement']:.1%} |")
+    for r in rows:
+        if r["differing_prompts"]:
+            print(f"new={r['new_tokens']} c={r['concurrency']}: tokens differ for "
+                  f"{r['differing_prompts']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "weights": args.weights, "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
