@@ -41,6 +41,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
                         help="'random' builds the true architecture with seeded random weights "
                              "(no download; for benchmarks)")
+    parser.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static"],
+                        help="single-job decode path: auto = static KV cache with CUDA graphs on "
+                             "GPUs, dynamic cache on the CPU")
 
 
 def build_engine(args: argparse.Namespace, **options: Any) -> Any:
@@ -48,6 +51,7 @@ def build_engine(args: argparse.Namespace, **options: Any) -> Any:
     from engine.executor import Engine
 
     devices = [args.device] if getattr(args, "device", None) else None
+    options.setdefault("decode", getattr(args, "decode", "auto"))
     return Engine(getattr(args, "registry", None), devices=devices,
                   weights=getattr(args, "weights", "pretrained"),
                   dtype=getattr(args, "dtype", None), **options)
@@ -80,8 +84,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
         size = f"{r['size_bytes'] / 2**20:.0f} MB" if r["size_bytes"] else "-"
         table.add_row(r["name"], r["task"], f"{r['parameters'] / 1e6:.1f}M",
                       str(r["context_length"]), "yes" if r["available"] else "no", size,
-                      r["source"] if r["available"] else r["reason"])
-    Console().print(table)
+                      r["source"] if r["available"] else r["reason"].split(";")[0])
+    console = Console()
+    console.print(table)
+    if any(not r["available"] for r in rows):
+        console.print("Models marked 'no' can still run with --weights random (true "
+                      "architecture, random weights); `aitbc-engine models --json` gives each "
+                      "full reason and the way to get the weights.")
     return 0
 
 
