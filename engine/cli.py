@@ -21,7 +21,9 @@ from typing import Any
 from engine.errors import EngineError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "engine.cli_bench",
     "engine.cli_mine",
+    "engine.cli_serve",
 )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.errors import (
     DeviceError,
@@ -48,7 +48,9 @@ from engine.loading import LoadedModel, PoolKey, Weights
 from engine.metering import Measurement, Meter, MeterWindow, share_by_work
 from engine.pool import ModelPool, release_memory
 from engine.registry import ModelSpec, Registry
-from engine.tasks.generation import GenerationRequest
+
+if TYPE_CHECKING:
+    from engine.tasks.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,8 @@ class Engine:
             raise ValueError("batch_size must be at least 1")
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.hardware = hardware or discover(nvml)
+        if nvml is None and meter is None and self.hardware.gpus:
+            nvml = Nvml()  # kept open for energy readings over the engine's life
         if devices:
             chosen = [self.hardware.device(d) for d in devices]
         else:
@@ -399,7 +403,7 @@ class Engine:
 
     def _run_generation(self, loaded: LoadedModel, batch: list[_Queued], load_seconds: float,
                         queued_until: float) -> list[JobResult]:
-        from engine.tasks.generation import encode_prompt
+        from engine.tasks.generation import GenerationRequest, encode_prompt
 
         results: dict[int, JobResult] = {}
         requests: list[tuple[int, GenerationRequest]] = []

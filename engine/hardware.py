@@ -660,8 +660,9 @@ def _discover_with(nvml: Nvml, visible: str | None) -> HardwareInfo:
 # --------------------------------------------------------------------------- bandwidth
 
 _BANDWIDTH_FILE = "cpu_bandwidth.json"
-_PROBE_BYTES = 256 * 2**20
-_PROBE_BUDGET_S = 1.0
+# 1 GiB: well past last-level caches (some server CPUs report 260 MiB of L3).
+_PROBE_BYTES = 1024 * 2**20
+_PROBE_BUDGET_S = 1.5
 
 
 def engine_cache_dir() -> Path:
@@ -700,7 +701,7 @@ def _best_time(fn: Callable[[], object], *, reps: int, budget_s: float) -> float
 def measure_cpu_memory_bandwidth_gbps(size_bytes: int = _PROBE_BYTES) -> float:
     """Measure sustained host memory read bandwidth in GB/s (takes about a second).
 
-    Sums a float64 array of ``size_bytes`` (256 MiB, larger than most last-level caches)
+    Sums a float64 array of ``size_bytes`` (1 GiB, far larger than last-level caches)
     split across one thread per usable core (numpy releases the GIL), best of several runs.
     """
     import numpy as np
@@ -722,7 +723,7 @@ def measure_cpu_memory_bandwidth_gbps(size_bytes: int = _PROBE_BYTES) -> float:
 
 
 def _bandwidth_key() -> str:
-    return f"{_cpu_name()}|{_cpu_cores()}"
+    return f"{_cpu_name()}|{_cpu_cores()}|{_PROBE_BYTES >> 20}MiB"
 
 
 def _read_bandwidth_cache(path: Path) -> dict[str, Any]:
@@ -753,7 +754,7 @@ def cpu_memory_bandwidth_gbps(cache_dir: Path | None = None, *, refresh: bool = 
     gbps = float(measure_cpu_memory_bandwidth_gbps())
     entries[key] = {
         "gbps": gbps,
-        "method": "numpy threaded sum, 256 MiB float64, best of runs",
+        "method": f"numpy threaded sum, {_PROBE_BYTES >> 20} MiB float64, best of runs",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:

@@ -1,0 +1,110 @@
+"""``aitbc-engine serve``: the local HTTP API (see :mod:`engine.server`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    from engine.cli import add_engine_options
+    from engine.server import (
+        DEFAULT_HISTORY,
+        DEFAULT_HOST,
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_PORT,
+    )
+
+    p = subparsers.add_parser(
+        "serve", help="serve the engine over a local HTTP API (token-protected)",
+        description="Serve the engine over HTTP. Every route but /health needs "
+                    "'Authorization: Bearer <token>'; the token is made on first start in "
+                    "STATE_DIR/token (mode 0600) unless --token is given. STATE_DIR defaults to "
+                    "$AITBC_ENGINE_STATE or the user state directory "
+                    "(~/.local/state/aitbc-engine on Linux).")
+    p.add_argument("--registry", type=Path, default=None,
+                   help="model registry file (default: $AITBC_ENGINE_REGISTRY or the "
+                        "packaged models.yaml)")
+    add_engine_options(p)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--token", default=None,
+                   help="bearer token to require (default: read or make STATE_DIR/token)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the token file lives (default: $AITBC_ENGINE_STATE or the user "
+                        "state directory)")
+    p.add_argument("--preload", nargs="+", default=[], metavar="MODEL",
+                   help="models to warm after start-up (/health says 'loading' meanwhile)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="benchmark report.json for POST /v1/estimate")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="jobs that may wait for a device; more get 503 with Retry-After "
+                        f"(default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"request body limit, 413 above (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--history", type=int, default=DEFAULT_HISTORY,
+                   help=f"finished jobs kept for GET /v1/jobs/ID (default {DEFAULT_HISTORY})")
+    p.add_argument("--max-concurrent", type=int, default=1,
+                   help="jobs at once per device (default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="queued generation jobs of one model decoded as one batch (default 1)")
+    p.add_argument("--batch-window", type=float, default=0.0,
+                   help="seconds to wait to fill a batch (default 0)")
+    p.add_argument("--job-timeout", type=float, default=None, help="job time limit in seconds")
+    p.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="on SIGINT/SIGTERM, seconds to let waiting requests finish "
+                        "(default: as long as they take); running jobs always finish")
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from engine.cli import build_engine
+    from engine.pool import ModelPool
+    from engine.server import (
+        ServeOptions,
+        default_state_dir,
+        is_loopback,
+        mask_secret,
+        serialized_load_model,
+        serve,
+    )
+
+    for name, value, low in (("--port", args.port, 0), ("--max-queue", args.max_queue, 0),
+                             ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--history", args.history, 0),
+                             ("--max-concurrent", args.max_concurrent, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise EngineError(f"{name} must be at least {low}, got {value}", code="usage")
+    state_dir = args.state_dir or default_state_dir()
+    options = ServeOptions(host=args.host, port=args.port, token=args.token, state_dir=state_dir,
+                           max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                           history=args.history, preload=list(args.preload),
+                           profile=args.profile, shutdown_timeout=args.shutdown_timeout,
+                           log_level="info" if args.verbose == 0 else "debug")
+    with build_engine(args, pool=ModelPool(loader=serialized_load_model),
+                      max_concurrent=args.max_concurrent, job_timeout=args.job_timeout,
+                      batch_size=args.batch_size,
+                      batch_window_seconds=args.batch_window) as engine:
+        def started(server: Any) -> None:
+            token = server.config.app.state.token
+            port = args.port
+            with contextlib.suppress(AttributeError, IndexError, OSError):
+                port = server.servers[0].sockets[0].getsockname()[1]
+            where = (f"given on the command line ({mask_secret(token)})" if args.token
+                     else f"in {state_dir / 'token'}")
+            scope = "" if is_loopback(args.host) else " (reachable from other machines)"
+            print(f"aitbc-engine serving on http://{args.host}:{port}{scope} with "
+                  f"{', '.join(d.id for d in engine.devices)}; token {where}", file=sys.stderr,
+                  flush=True)
+
+        serve(engine, options, on_started=started)
+    return 0
