@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli_bench",
     "engine.cli_mine",
     "engine.cli_serve",
+    "engine.cli_verify",
 )
 
 

@@ -85,7 +85,8 @@ def tiny_entry(path: Path, *, context_length: int = 256,
         "min_gpu_memory_mb": 16,
         "source": {"local": {"path": str(path), "format": "safetensors"}},
         "config": {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64,
-                   "n_positions": 256, "vocab_size": 512},
+                   "n_positions": 256, "vocab_size": 512, "bos_token_id": 0,
+                   "eos_token_id": 0},
     }
 
 

@@ -168,7 +168,8 @@ def generate(loaded: LoadedModel, requests: Sequence[GenerationRequest]
         if row.params.repetition_penalty != 1.0:
             row.seen = torch.tensor(row.request.prompt_ids, dtype=torch.long)
     _check_alive(rows)
-    pad = next(iter(eos), 0)
+    vocab = int(model.config.vocab_size)
+    pad = next((e for e in sorted(eos) if e < vocab), 0)  # any in-vocabulary id; masked out
     width = max(len(r.request.prompt_ids) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
