@@ -514,6 +514,7 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     if check_memory:
         check_fits(spec, devices, dtype_name)
     with _load_lock, _quiet_transformers():
+        _import_architecture(spec)
         started = time.perf_counter()
         if weights == "random":
             model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
@@ -528,6 +529,21 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
                        dtype_name=dtype_name, weights=weights, weights_digest=digest,
                        load_time_seconds=time.perf_counter() - started,
                        memory_bytes=_model_bytes(model), tokenizer_kind=kind)
+
+
+def _import_architecture(spec: ModelSpec) -> None:
+    """Import the architecture's Python modules up front, so load time is the model's own.
+
+    transformers imports a model family's code lazily on first use (a second
+    or so); that is a cost of the process, paid once, not of loading weights.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config_class = type(AutoConfig.for_model(spec.architecture))
+        _auto_class(spec)._model_mapping[config_class]
+    except (KeyError, ValueError, AttributeError):
+        pass  # unknown here: from_pretrained will import (or refuse) it itself
 
 
 def _build_random(spec: ModelSpec, dtype_name: str, seed: int) -> tuple[Any, Any, str, str]:
