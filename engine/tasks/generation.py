@@ -116,12 +116,15 @@ def _pick(row: _Row, logits: torch.Tensor) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator).item())
 
 
-def _cache_argument(model: Any) -> str:
-    """The forward keyword for the KV cache: ``cache`` in newer transformers, else the old name."""
+def _accepts(model: Any, keyword: str) -> bool:
     import inspect
 
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return keyword in inspect.signature(model.forward).parameters
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward keyword for the KV cache: ``cache`` in newer transformers, else the old name."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _check_stop(row: _Row, tokenizer: Any, eos: set[int]) -> None:
@@ -188,12 +191,14 @@ def generate(loaded: LoadedModel, requests: Sequence[GenerationRequest]
 
     cache = DynamicCache(config=model.config)
     cache_arg = _cache_argument(model)
+    # Only the last position's logits are needed: skip the LM head elsewhere in prefill.
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     step_input, step_positions = ids, positions
     with torch.inference_mode():
         while active:
             # The cache object is filled in place by each forward pass.
             out = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                        use_cache=True, **{cache_arg: cache})
+                        use_cache=True, **{cache_arg: cache}, **last_only)
             logits = out.logits[:, -1, :].float()
             chosen = [_pick(rows[i], logits[j]) for j, i in enumerate(active)]
             for i, token in zip(active, chosen, strict=True):
