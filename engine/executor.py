@@ -130,8 +130,10 @@ class Engine:
             raise ValueError("batch_size must be at least 1")
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.hardware = hardware or discover(nvml)
+        self._own_nvml: Nvml | None = None
         if nvml is None and meter is None and self.hardware.gpus:
-            nvml = Nvml()  # kept open for energy readings over the engine's life
+            # Kept open for energy readings over the engine's life; closed by close().
+            nvml = self._own_nvml = Nvml()
         if devices:
             chosen = [self.hardware.device(d) for d in devices]
         else:
@@ -220,6 +222,9 @@ class Engine:
                 f"job {item.job.job_id} was cancelled: the engine is shutting down")))
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
+        if self._own_nvml is not None and not self._running:
+            self._own_nvml.close()
+            self._own_nvml = None
 
     def __enter__(self) -> Engine:
         return self

@@ -226,3 +226,20 @@ def test_seeded_sampling_is_independent_of_batch_mates(registry_path: Path) -> N
         mine = results[1]
         assert mine.profile is not None and mine.profile.batch_size == size
         assert mine.output == want.output and mine.result_hash == want.result_hash
+
+
+def test_engine_on_fake_gpus_meters_energy_through_its_own_nvml_session(
+        registry_path: Path) -> None:
+    """With GPUs discovered and no session given, the engine opens NVML for energy and closes it."""
+    from fakes import FakeNvml, a100
+
+    from engine.hardware import discover, set_nvml_module
+
+    fake = FakeNvml(gpus=[a100()])
+    set_nvml_module(fake)
+    hardware = discover(cuda_visible_devices=None)
+    eng = Engine(registry_path, hardware=hardware, devices=["cpu"])
+    assert eng.meter.nvml is not None and eng.meter.nvml.available()
+    assert eng.run(_gen(max_tokens=2)).ok  # CPU job: no energy, no GPU time
+    eng.close()
+    assert not fake.initialized
