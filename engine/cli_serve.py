@@ -67,13 +67,11 @@ def register(subparsers: Any) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from engine.cli import build_engine
-    from engine.pool import ModelPool
     from engine.server import (
         ServeOptions,
         default_state_dir,
         is_loopback,
         mask_secret,
-        serialized_load_model,
         serve,
     )
 
@@ -90,8 +88,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            history=args.history, preload=list(args.preload),
                            profile=args.profile, shutdown_timeout=args.shutdown_timeout,
                            log_level="info" if args.verbose == 0 else "debug")
-    with build_engine(args, pool=ModelPool(loader=serialized_load_model),
-                      max_concurrent=args.max_concurrent, job_timeout=args.job_timeout,
+    with build_engine(args, max_concurrent=args.max_concurrent, job_timeout=args.job_timeout,
                       batch_size=args.batch_size,
                       batch_window_seconds=args.batch_window) as engine:
         def started(server: Any) -> None:

@@ -1029,22 +1029,6 @@ def _add_estimate_route(app: FastAPI, auth: list[Any], pricing: ModuleType, pric
 
 # ------------------------------------------------------------------ serving
 
-_LOAD_LOCK = threading.Lock()
-
-
-def serialized_load_model(*args: Any, **kwargs: Any) -> loading.LoadedModel:
-    """:func:`engine.loading.load_model`, one load at a time in this process.
-
-    Two threads loading models at once corrupt each other (transformers
-    initialises weights on the meta device through process-wide state, and a
-    concurrent load fails with "Cannot copy out of meta tensor"). The server
-    loads from request threads, the preload thread and the engine's runner, so
-    ``aitbc-engine serve`` gives its pool this loader.
-    """
-    with _LOAD_LOCK:
-        return loading.load_model(*args, **kwargs)
-
-
 @dataclass
 class ServeOptions:
     """How :func:`serve` runs the app."""
@@ -1159,7 +1143,6 @@ __all__ = [
     "load_or_create_token",
     "mask_secret",
     "running_server",
-    "serialized_load_model",
     "serve",
     "status_for",
 ]

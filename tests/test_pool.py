@@ -100,3 +100,24 @@ def test_explicit_evict(three: Registry) -> None:
     pool.get(three.get("a"), [cpu])
     assert [k.model for k in pool.evict("a")] == ["a"] and not pool.is_warm("a")
     assert pool.used(cpu.id) == 0
+
+
+def test_models_loading_at_once_in_threads_all_load(three: Registry) -> None:
+    """transformers' loading is not thread-safe (concurrent loads leave tensors on the meta
+    device); the engine's loads take turns, so every thread gets a working model."""
+    cpu = discover().cpu
+    errors: list[BaseException] = []
+    loaded: list[LoadedModel] = []
+
+    def load(name: str) -> None:
+        try:
+            loaded.append(load_model(three.get(name), [cpu]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in ("a", "b", "c") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(loaded) == 6
