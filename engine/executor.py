@@ -402,8 +402,12 @@ class Engine:
         except Exception as exc:
             release_memory(loaded.devices)
             return _failed(job, _classify(exc))
-        metrics = _metrics(measured, load_seconds, sum(lengths), 0,
-                           queue_seconds=queued_until - item.submitted)
+        metrics = _metrics(measured, measured, load_seconds=load_seconds,
+                           prompt_tokens=sum(lengths), completion_tokens=0,
+                           queue_seconds=queued_until - item.submitted,
+                           gpu_seconds=measured.gpu_seconds,
+                           gpu_busy_seconds=measured.gpu_busy_seconds,
+                           energy_joules=measured.energy_joules)
         return self._completed(job, loaded, output, metrics, 1, "encoder")
 
     def _run_generation(self, loaded: LoadedModel, batch: list[_Queued], load_seconds: float,
@@ -421,12 +425,10 @@ class Engine:
             requests.append((n, GenerationRequest(job=item.job, prompt_ids=ids,
                                                   cancelled=item.cancelled.is_set)))
         if requests:
-            shared = len(requests) > 1
             reqs = [r for _, r in requests]
-            outcomes, held, decode = self._decode(loaded, reqs)
-            own = [r.window.stop() for _, r in requests if r.window is not None]
+            outcomes, held, own, decode = self._decode(loaded, reqs)
             work = [len(r.prompt_ids) + len(o.token_ids) if isinstance(o, GenerationOutput)
-                    else len(r.prompt_ids) for (_, r), o in zip(requests, outcomes, strict=True)]
+                    else len(r.prompt_ids) for r, o in zip(reqs, outcomes, strict=True)]
             gpu = share_by_work(held.gpu_seconds, work)
             busy = share_by_work(held.gpu_busy_seconds, work) if held.gpu_busy_seconds is not None \
                 else [None] * len(work)
@@ -438,18 +440,13 @@ class Engine:
                     err = outcome if isinstance(outcome, EngineError) else _classify(outcome)
                     results[n] = _failed(job, err)
                     continue
-                mine = own[k]
-                metrics = Metrics(
-                    execution_time_seconds=mine.wall_seconds, gpu_time_seconds=gpu[k],
-                    load_time_seconds=load_seconds, device=held.device, gpu_count=held.gpu_count,
-                    measurement=held.method + ("+shared-by-token-work" if shared else ""),
-                    prompt_tokens=len(req.prompt_ids), completion_tokens=len(outcome.token_ids),
-                    ttft_seconds=mine.ttft_seconds, tpot_seconds=mine.tpot_seconds,
-                    gpu_busy_seconds=busy[k], energy_joules=energy[k],
-                    peak_memory_bytes=held.peak_memory_bytes,
-                    queue_seconds=queued_until - batch[n].submitted)
-                results[n] = self._completed(job, loaded, outcome, metrics, len(requests),
-                                             decode)
+                metrics = _metrics(own[k], held, load_seconds=load_seconds,
+                                   prompt_tokens=len(req.prompt_ids),
+                                   completion_tokens=len(outcome.token_ids),
+                                   queue_seconds=queued_until - batch[n].submitted,
+                                   gpu_seconds=gpu[k], gpu_busy_seconds=busy[k],
+                                   energy_joules=energy[k], shared=len(reqs) > 1)
+                results[n] = self._completed(job, loaded, outcome, metrics, len(reqs), decode)
         return [results[n] for n in range(len(batch))]
 
     def _wants_static(self, loaded: LoadedModel) -> bool:
@@ -458,26 +455,44 @@ class Engine:
         return self.decode == "static" or loaded.devices[0].kind == "cuda"
 
     def _decode(self, loaded: LoadedModel, requests: list[GenerationRequest]
-                ) -> tuple[list[GenerationOutput | Exception], Measurement, str]:
-        """Run the decode under the model's lock with fresh windows; falls back once if the
-        fast path breaks for a reason that is not the job's."""
-        from engine.tasks.generation import generate
-        from engine.tasks.static_decode import decode_label, generate_static
+                ) -> tuple[list[GenerationOutput | Exception], Measurement, list[Measurement], str]:
+        """Decode on the fast path where it applies; if that path breaks for a reason that is
+        not the job's, log it, use the dynamic-cache loop for this model from now on, and
+        run the jobs again there."""
+        from engine.tasks.static_decode import decode_label
 
-        static = len(requests) == 1 and self._wants_static(loaded)
+        if len(requests) == 1 and self._wants_static(loaded):
+            try:
+                return (*self._decode_with(loaded, requests, static=True), decode_label(loaded))
+            except Exception as exc:
+                log.warning("the static-cache decode path failed on %s (%s: %s); using the "
+                            "dynamic-cache path for this model from now on", loaded.key,
+                            type(exc).__name__, exc)
+                self._static_broken.add(loaded.key)
+                release_memory(loaded.devices)
+        return (*self._decode_with(loaded, requests, static=False), "dynamic-cache")
+
+    def _decode_with(self, loaded: LoadedModel, requests: list[GenerationRequest], *,
+                     static: bool
+                     ) -> tuple[list[GenerationOutput | Exception], Measurement, list[Measurement]]:
+        """One decode under the model's lock, with fresh windows: the outcomes, the device
+        window's measurement and each job's own."""
+        from engine.tasks.generation import generate
+        from engine.tasks.static_decode import generate_static
+
         shared = len(requests) > 1
         # Alone, a job's window is the device window; in a batch each job
         # gets a clock and the device window is shared by token work.
         device_window = self.meter.window(loaded.devices)
-        for req in requests:
-            req.window = MeterWindow([], None, track_memory=False) if shared else device_window
+        windows = [MeterWindow([], None, track_memory=False) if shared else device_window
+                   for _ in requests]
         with loaded.lock:
             device_window.start()
             now = time.monotonic()
-            for req in requests:
+            for req, window in zip(requests, windows, strict=True):
                 if shared:
-                    assert req.window is not None
-                    req.window.start()
+                    window.start()
+                req.window = window
                 req.deadline = self._deadline(now)
             outcomes: list[GenerationOutput | Exception]
             try:
@@ -488,21 +503,11 @@ class Engine:
                         outcomes = [exc]
                 else:
                     outcomes = generate(loaded, requests)
-            except Exception as exc:
+            except Exception:
                 device_window.stop()
-                if not static:
-                    raise
-                log.warning("the static-cache decode path failed on %s (%s: %s); using the "
-                            "dynamic-cache path for this model from now on", loaded.key,
-                            type(exc).__name__, exc)
-                self._static_broken.add(loaded.key)
-                release_memory(loaded.devices)
-                static = False
-                outcomes = None  # type: ignore[assignment]
-            if outcomes is not None:
-                return outcomes, device_window.stop(), (
-                    decode_label(loaded) if static else "dynamic-cache")
-        return self._decode(loaded, requests)
+                raise
+            held = device_window.stop()
+        return outcomes, held, [w.stop() for w in windows]
 
     def _completed(self, job: Job, loaded: LoadedModel, output: GenerationOutput | EmbeddingOutput,
                    metrics: Metrics, batch_size: int, decode: str = "dynamic-cache") -> JobResult:
@@ -518,15 +523,18 @@ class Engine:
                          metrics=metrics, profile=profile)
 
 
-def _metrics(m: Measurement, load_seconds: float, prompt_tokens: int, completion_tokens: int,
-             *, queue_seconds: float | None = None) -> Metrics:
-    return Metrics(execution_time_seconds=m.wall_seconds, gpu_time_seconds=m.gpu_seconds,
-                   load_time_seconds=load_seconds, device=m.device, gpu_count=m.gpu_count,
-                   measurement=m.method, prompt_tokens=prompt_tokens,
-                   completion_tokens=completion_tokens, ttft_seconds=m.ttft_seconds,
-                   tpot_seconds=m.tpot_seconds, gpu_busy_seconds=m.gpu_busy_seconds,
-                   energy_joules=m.energy_joules, peak_memory_bytes=m.peak_memory_bytes,
-                   queue_seconds=queue_seconds)
+def _metrics(own: Measurement, held: Measurement, *, load_seconds: float, prompt_tokens: int,
+             completion_tokens: int, queue_seconds: float, gpu_seconds: float,
+             gpu_busy_seconds: float | None, energy_joules: float | None,
+             shared: bool = False) -> Metrics:
+    """A job's metrics: its own clock (wall, token times) and its share of the device window."""
+    return Metrics(execution_time_seconds=own.wall_seconds, gpu_time_seconds=gpu_seconds,
+                   load_time_seconds=load_seconds, device=held.device, gpu_count=held.gpu_count,
+                   measurement=held.method + ("+shared-by-token-work" if shared else ""),
+                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   ttft_seconds=own.ttft_seconds, tpot_seconds=own.tpot_seconds,
+                   gpu_busy_seconds=gpu_busy_seconds, energy_joules=energy_joules,
+                   peak_memory_bytes=held.peak_memory_bytes, queue_seconds=queue_seconds)
 
 
 def _classify(exc: BaseException) -> EngineError:

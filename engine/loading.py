@@ -262,11 +262,13 @@ def weights_digest(files: Sequence[Path], cache_dir: Path | None = None) -> str:
 
 def tensor_digest(model: torch.nn.Module) -> str:
     """``sha256:`` over a model's parameters and buffers as they lie in memory."""
+    import torch
+
     outer = hashlib.sha256(b"aitbc-tensors/1\n")
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         outer.update(f"{name}\n{t.dtype}\n{tuple(t.shape)}\n".encode())
-        outer.update(t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+        outer.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + outer.hexdigest()
 
 

@@ -243,3 +243,19 @@ def test_engine_on_fake_gpus_meters_energy_through_its_own_nvml_session(
     assert eng.run(_gen(max_tokens=2)).ok  # CPU job: no energy, no GPU time
     eng.close()
     assert not fake.initialized
+
+
+def test_a_broken_fast_path_falls_back_to_the_dynamic_loop(
+        registry_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.tasks.static_decode as static_decode
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("graph capture failed")
+
+    monkeypatch.setattr(static_decode, "generate_static", broken)
+    with Engine(registry_path, devices=["cpu"], decode="static") as eng:
+        first, second = eng.run(_gen("fallback")), eng.run(_gen("fallback"))
+    for result in (first, second):
+        assert result.ok and result.profile is not None, result.error
+        assert result.profile.decode == "dynamic-cache"
+    assert first.result_hash == second.result_hash
