@@ -7,15 +7,25 @@ prompts (64 by default, all different) runs twice through `Engine`:
   depend on c, so this run is made once per new-token count; the latency a job
   would see when c jobs arrive together and queue for one slot is replayed from
   those measured times (first-in, first-out);
-* batched (`batch_size=c`): the prompts are submitted in groups of c at once
-  and the engine decodes each group as one batch; latency is submit to result.
+* batched (`batch_size=c`), with one of two arrival patterns (``--arrival``):
+
+  - ``closed`` (default): c clients, each submitting its next prompt the moment
+    its last result came back, as miners' clients and the coordinator's job
+    feed do. A finished row's place in the running batch goes to the next job
+    between two decode steps;
+  - ``burst``: the prompts arrive in groups of c at once and the next group
+    only after the whole group is answered, so rows that end early leave the
+    batch smaller until the group's longest job ends.
+
+  Latency is submit to result.
 
 Prints aggregate output tokens/s for both, their ratio, p50/p99 job latency,
 and the agreement rate: the fraction of jobs whose batched tokens (and so
 result hash) equal the one-at-a-time tokens, naming the prompts that differ.
 
     python benchmarks/throughput.py [--model smollm2-135m] [--concurrency 1,2,4,8,16]
-                                    [--new-tokens 32,128] [--prompts 64] [--json OUT]
+                                    [--new-tokens 32,128] [--prompts 64]
+                                    [--arrival closed|burst] [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import itertools
 import json
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -94,14 +105,60 @@ def batched(engine: Engine, model: str, texts: list[str], new_tokens: int, c: in
     return tokens, latencies, wall, sizes
 
 
-def replay_queue(seconds: list[float], c: int) -> list[float]:
-    """Latency of each job when c arrive together and one slot serves them in order."""
+def closed_loop(engine: Engine, model: str, texts: list[str], new_tokens: int, c: int
+                ) -> tuple[list[list[int]], list[float], float, list[int]]:
+    """c clients, each submitting its next prompt when its last result is back."""
+    tokens: list[list[int]] = [[] for _ in texts]
+    latencies: list[float] = []
+    sizes: list[int] = []
+    lock = threading.Lock()
+    taken = itertools.count()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            while (i := next(taken)) < len(texts):
+                submitted = time.perf_counter()
+                result = engine.submit(_job(model, texts[i], new_tokens)).result()
+                latency = time.perf_counter() - submitted
+                assert result.profile is not None
+                with lock:
+                    tokens[i] = _tokens(result)
+                    latencies.append(latency)
+                    sizes.append(result.profile.batch_size)
+        except BaseException as exc:  # surfaced below, not lost in a thread
+            errors.append(exc)
+
+    began = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(c)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    if errors:
+        raise errors[0]
+    return tokens, latencies, time.perf_counter() - began, sizes
+
+
+def replay_queue(seconds: list[float], c: int, arrival: str) -> list[float]:
+    """Latency of each job when c clients share one slot that serves jobs in order.
+
+    ``burst``: groups of c arrive together. ``closed``: the k-th job to finish
+    sends job k + c in at that moment.
+    """
     out: list[float] = []
-    for start in range(0, len(seconds), c):
-        waited = 0.0
-        for s in seconds[start:start + c]:
-            waited += s
-            out.append(waited)
+    if arrival == "burst":
+        for start in range(0, len(seconds), c):
+            waited = 0.0
+            for s in seconds[start:start + c]:
+                waited += s
+                out.append(waited)
+        return out
+    finish: list[float] = []
+    for j, s in enumerate(seconds):
+        submitted = finish[j - c] if j >= c else 0.0
+        finish.append((finish[-1] if finish else 0.0) + s)
+        out.append(finish[-1] - submitted)
     return out
 
 
@@ -113,6 +170,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--new-tokens", default="32,128")
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--arrival", default="closed", choices=["closed", "burst"],
+                        help="how the batched run's jobs arrive (see above)")
     parser.add_argument("--window", type=float, default=0.05, help="batch gathering window (s)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
@@ -121,22 +180,22 @@ def main() -> int:
     texts = prompts(args.prompts)
     rows: list[dict[str, Any]] = []
     options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
-    with Engine(**options) as alone:  # type: ignore[arg-type]
+    with Engine(**options) as alone:
         alone.run(_job(args.model, texts[0], 4))  # load and warm up, not measured
         for new_tokens in lengths:
             solo_tokens, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
             solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
             for c in levels:
-                with Engine(**options, batch_size=c,  # type: ignore[arg-type]
-                            batch_window_seconds=args.window) as eng:
+                with Engine(**options, batch_size=c, batch_window_seconds=args.window) as eng:
                     eng.run(_job(args.model, texts[0], 4))
-                    b_tokens, b_lat, b_wall, sizes = batched(eng, args.model, texts,
-                                                             new_tokens, c)
+                    run = closed_loop if args.arrival == "closed" else batched
+                    b_tokens, b_lat, b_wall, sizes = run(eng, args.model, texts, new_tokens, c)
                 rate = sum(map(len, b_tokens)) / b_wall
                 same = [a == b for a, b in zip(solo_tokens, b_tokens, strict=True)]
-                q_lat = replay_queue(solo_seconds, c)
+                q_lat = replay_queue(solo_seconds, c, args.arrival)
                 rows.append({
                     "new_tokens": new_tokens, "concurrency": c, "jobs": len(texts),
+                    "arrival": args.arrival,
                     "alone_tokens_per_s": solo_rate, "batched_tokens_per_s": rate,
                     "ratio": rate / solo_rate,
                     "alone_p50_s": statistics.median(q_lat), "alone_p99_s": _pct(q_lat, 99),
@@ -152,6 +211,7 @@ def main() -> int:
                       f"  agree {r['agreement']:6.1%}  mean batch {r['mean_batch']:.1f}",
                       flush=True)
     print()
+    print(f"{args.model}, {args.weights} weights, arrival {args.arrival}, {len(texts)} prompts")
     print("| new tokens | concurrent | alone tok/s | batched tok/s | ratio | alone p50/p99 s "
           "| batched p50/p99 s | agreement |")
     print("|---|---|---|---|---|---|---|---|")
@@ -166,7 +226,8 @@ def main() -> int:
                   f"{r['differing_prompts']}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "weights": args.weights, "rows": rows}, fh, indent=2)
+            json.dump({"model": args.model, "weights": args.weights, "arrival": args.arrival,
+                       "rows": rows}, fh, indent=2)
     return 0
 
 

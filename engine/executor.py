@@ -6,7 +6,10 @@ waits until the devices a job needs have a free slot (``max_concurrent`` per
 device; a model with ``gpu_count`` n holds n GPUs), prefers devices where the
 model is already warm, gathers compatible generation jobs into one batch
 (``batch_size``, ``batch_window_seconds``) and hands the batch to a runner
-thread. Any failure inside a job becomes a failed :class:`JobResult`; the
+thread. While that batch decodes, jobs for the same model that queue later
+take the rows that finished (never ahead of an earlier job for another model
+that waits for the device), and each job's result is delivered when its own
+row ends. Any failure inside a job becomes a failed :class:`JobResult`; the
 engine goes on.
 """
 
@@ -21,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from engine.errors import (
     DeviceError,
@@ -45,12 +48,9 @@ from engine.jobs import (
     parse_payload,
 )
 from engine.loading import LoadedModel, PoolKey, Weights
-from engine.metering import Measurement, Meter, MeterWindow, share_by_work
+from engine.metering import BatchLedger, JobShare, Measurement, Meter
 from engine.pool import ModelPool, release_memory
 from engine.registry import ModelSpec, Registry
-
-if TYPE_CHECKING:
-    from engine.tasks.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -310,73 +310,94 @@ class Engine:
                         break
                     self._cond.wait(0.5)
                 self._queue.popleft()
+                self._running.add(id(head))
                 for d in devices:
                     self._slots[d.id] += 1
             batch = [head, *self._gather(head)]
-            with self._cond:
-                for item in batch:
-                    self._running.add(id(item))
             threading.Thread(target=self._run_batch, args=(batch, devices),
                              name=f"engine-run-{head.job.job_id[:8]}", daemon=True).start()
 
+    def _batchable(self, item: _Queued, model: str) -> bool:
+        return item.job.task == "text-generation" and item.job.model == model
+
+    def _take_mates(self, model: str, limit: int, *, in_order: bool) -> list[_Queued]:
+        """Up to ``limit`` queued generation jobs for ``model``, taken off the queue as running.
+
+        ``in_order`` stops at the first queued job that cannot come along and is
+        itself waiting for a device, so a running batch never overtakes it.
+        Call with ``self._cond`` held.
+        """
+        mates: list[_Queued] = []
+        for item in list(self._queue):
+            if len(mates) >= limit:
+                break
+            if self._batchable(item, model):
+                self._queue.remove(item)
+                self._running.add(id(item))
+                mates.append(item)
+            elif in_order and item.spec is not None and self._free_set(item.spec) is None:
+                break
+        return mates
+
     def _gather(self, head: _Queued) -> list[_Queued]:
-        """More queued jobs that can share ``head``'s decode batch."""
+        """More queued jobs that can start ``head``'s decode batch with it."""
         if self.batch_size <= 1 or head.job.task != "text-generation":
             return []
         deadline = time.monotonic() + self.batch_window_seconds
         mates: list[_Queued] = []
         with self._cond:
             while len(mates) + 1 < self.batch_size:
-                for item in list(self._queue):
-                    if len(mates) + 1 >= self.batch_size:
-                        break
-                    if item.job.model == head.job.model and item.job.task == "text-generation":
-                        self._queue.remove(item)
-                        mates.append(item)
+                mates += self._take_mates(head.job.model, self.batch_size - 1 - len(mates),
+                                          in_order=False)
                 left = deadline - time.monotonic()
                 if len(mates) + 1 >= self.batch_size or left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
         return mates
 
+    def _join_queued(self, model: str, free: int) -> list[_Queued]:
+        """Queued jobs that take free rows of a running batch between two decode steps."""
+        with self._cond:
+            if not self._queue:
+                return []
+            return self._take_mates(model, free, in_order=True)
+
     # ------------------------------------------------------------ running
     def _run_batch(self, batch: list[_Queued], devices: list[Device]) -> None:
+        run = _Run(self, list(batch))
         try:
-            results = self._execute(batch, devices)
+            self._execute(run, devices)
         except BaseException as exc:  # a bug must still answer every job
             log.exception("batch failed")
-            results = [_failed(i.job, ExecutionError(f"internal error: {exc}")) for i in batch]
+            run.fail_open(ExecutionError(f"internal error: {exc}"))
         finally:
+            run.fail_open(ExecutionError("internal error: the job ended without a result"))
             with self._cond:
                 for d in devices:
                     self._slots[d.id] -= 1
-                for item in batch:
-                    self._running.discard(id(item))
                 self._cond.notify_all()
-        for item, result in zip(batch, results, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
-            _log_result(result)
 
-    def _execute(self, batch: list[_Queued], devices: list[Device]) -> list[JobResult]:
-        spec = batch[0].spec
+    def _execute(self, run: _Run, devices: list[Device]) -> None:
+        spec = run.items[0].spec
         assert spec is not None
         started = time.monotonic()
-        for item in batch:
+        for item in run.items:
             item.future.set_running_or_notify_cancel()
         try:
             with self.pool.use(spec, devices, weights=self.weights, dtype=self.dtype) as (
                     loaded, load_seconds):
                 if spec.task == "embedding":
-                    return [self._run_embedding(loaded, item, load_seconds, started)
-                            for item in batch]
-                return self._run_generation(loaded, batch, load_seconds, started)
+                    for item in list(run.items):
+                        run.deliver(item, self._run_embedding(loaded, item, load_seconds,
+                                                              started))
+                    return
+                self._run_generation(loaded, run, load_seconds, started)
         except EngineError as exc:
-            return [_failed(item.job, exc) for item in batch]
+            run.fail_open(exc)
         except Exception as exc:
             err = _classify(exc)
             release_memory(devices)
-            return [_failed(item.job, err) for item in batch]
+            run.fail_open(err)
 
     def _deadline(self, start: float) -> float:
         return start + self.job_timeout if self.job_timeout else float("inf")
@@ -402,112 +423,139 @@ class Engine:
         except Exception as exc:
             release_memory(loaded.devices)
             return _failed(job, _classify(exc))
-        metrics = _metrics(measured, measured, load_seconds=load_seconds,
+        metrics = _metrics(measured, JobShare.alone(measured), load_seconds=load_seconds,
                            prompt_tokens=sum(lengths), completion_tokens=0,
-                           queue_seconds=queued_until - item.submitted,
-                           gpu_seconds=measured.gpu_seconds,
-                           gpu_busy_seconds=measured.gpu_busy_seconds,
-                           energy_joules=measured.energy_joules)
+                           queue_seconds=queued_until - item.submitted)
         return self._completed(job, loaded, output, metrics, 1, "encoder")
 
-    def _run_generation(self, loaded: LoadedModel, batch: list[_Queued], load_seconds: float,
-                        queued_until: float) -> list[JobResult]:
+    def _run_generation(self, loaded: LoadedModel, run: _Run, load_seconds: float,
+                        started: float) -> None:
+        """Decode the run's jobs; on the dynamic path, queued jobs join as rows come free."""
+        if len(run.items) == 1 and self._wants_static(loaded):
+            result = self._run_static(loaded, run.items[0], load_seconds, started)
+            if result is not None:
+                run.deliver(run.items[0], result)
+                return
+        self._run_rolling(loaded, run, load_seconds, started)
+
+    def _run_static(self, loaded: LoadedModel, item: _Queued, load_seconds: float,
+                    started: float) -> JobResult | None:
+        """One job on the static-cache fast path; None when the path itself broke (it is then
+        logged and not used for this model again)."""
         from engine.tasks.generation import GenerationRequest, encode_prompt
+        from engine.tasks.static_decode import decode_label, generate_static
 
-        results: dict[int, JobResult] = {}
-        requests: list[tuple[int, GenerationRequest]] = []
-        for n, item in enumerate(batch):
+        held = self.meter.window(loaded.devices)
+        clock = self.meter.clock()
+        with loaded.lock:
+            held.start()
+            clock.start()
             try:
-                ids = encode_prompt(loaded, item.job)
+                req = GenerationRequest(job=item.job, window=clock,
+                                        deadline=self._deadline(time.monotonic()),
+                                        cancelled=item.cancelled.is_set,
+                                        prompt_ids=encode_prompt(loaded, item.job))
+                outcome: GenerationOutput | Exception = generate_static(loaded, req)
             except EngineError as exc:
-                results[n] = _failed(item.job, exc)
-                continue
-            requests.append((n, GenerationRequest(job=item.job, prompt_ids=ids,
-                                                  cancelled=item.cancelled.is_set)))
-        if requests:
-            reqs = [r for _, r in requests]
-            outcomes, held, own, decode = self._decode(loaded, reqs)
-            work = [len(r.prompt_ids) + len(o.token_ids) if isinstance(o, GenerationOutput)
-                    else len(r.prompt_ids) for r, o in zip(reqs, outcomes, strict=True)]
-            gpu = share_by_work(held.gpu_seconds, work)
-            busy = share_by_work(held.gpu_busy_seconds, work) if held.gpu_busy_seconds is not None \
-                else [None] * len(work)
-            energy = share_by_work(held.energy_joules, work) if held.energy_joules is not None \
-                else [None] * len(work)
-            for k, ((n, req), outcome) in enumerate(zip(requests, outcomes, strict=True)):
-                job = batch[n].job
-                if isinstance(outcome, Exception):
-                    err = outcome if isinstance(outcome, EngineError) else _classify(outcome)
-                    results[n] = _failed(job, err)
-                    continue
-                metrics = _metrics(own[k], held, load_seconds=load_seconds,
-                                   prompt_tokens=len(req.prompt_ids),
-                                   completion_tokens=len(outcome.token_ids),
-                                   queue_seconds=queued_until - batch[n].submitted,
-                                   gpu_seconds=gpu[k], gpu_busy_seconds=busy[k],
-                                   energy_joules=energy[k], shared=len(reqs) > 1)
-                results[n] = self._completed(job, loaded, outcome, metrics, len(reqs), decode)
-        return [results[n] for n in range(len(batch))]
-
-    def _wants_static(self, loaded: LoadedModel) -> bool:
-        if loaded.key in self._static_broken or self.decode == "dynamic":
-            return False
-        return self.decode == "static" or loaded.devices[0].kind == "cuda"
-
-    def _decode(self, loaded: LoadedModel, requests: list[GenerationRequest]
-                ) -> tuple[list[GenerationOutput | Exception], Measurement, list[Measurement], str]:
-        """Decode on the fast path where it applies; if that path breaks for a reason that is
-        not the job's, log it, use the dynamic-cache loop for this model from now on, and
-        run the jobs again there."""
-        from engine.tasks.static_decode import decode_label
-
-        if len(requests) == 1 and self._wants_static(loaded):
-            try:
-                return (*self._decode_with(loaded, requests, static=True), decode_label(loaded))
+                outcome = exc
             except Exception as exc:
+                held.stop()
                 log.warning("the static-cache decode path failed on %s (%s: %s); using the "
                             "dynamic-cache path for this model from now on", loaded.key,
                             type(exc).__name__, exc)
                 self._static_broken.add(loaded.key)
                 release_memory(loaded.devices)
-        return (*self._decode_with(loaded, requests, static=False), "dynamic-cache")
+                return None
+            own, measured = clock.stop(), held.stop()
+        if isinstance(outcome, Exception):
+            return _failed(item.job, outcome if isinstance(outcome, EngineError)
+                           else _classify(outcome))
+        metrics = _metrics(own, JobShare.alone(measured), load_seconds=load_seconds,
+                           prompt_tokens=len(req.prompt_ids),
+                           completion_tokens=len(outcome.token_ids),
+                           queue_seconds=started - item.submitted)
+        return self._completed(item.job, loaded, outcome, metrics, 1, decode_label(loaded))
 
-    def _decode_with(self, loaded: LoadedModel, requests: list[GenerationRequest], *,
-                     static: bool
-                     ) -> tuple[list[GenerationOutput | Exception], Measurement, list[Measurement]]:
-        """One decode under the model's lock, with fresh windows: the outcomes, the device
-        window's measurement and each job's own."""
-        from engine.tasks.generation import generate
-        from engine.tasks.static_decode import generate_static
+    def _run_rolling(self, loaded: LoadedModel, run: _Run, load_seconds: float,
+                     started: float) -> None:
+        """The dynamic-cache loop over a batch whose rows come and go between steps.
 
-        shared = len(requests) > 1
-        # Alone, a job's window is the device window; in a batch each job
-        # gets a clock and the device window is shared by token work.
-        device_window = self.meter.window(loaded.devices)
-        windows = [MeterWindow([], None, track_memory=False) if shared else device_window
-                   for _ in requests]
+        Each job has its own clock window; the devices' windows are kept by a
+        :class:`BatchLedger` and shared by token work among the jobs in each.
+        A job's result is delivered the moment its row ends.
+        """
+        from engine.tasks.generation import DecodeBatch, GenerationRequest, encode_prompt
+
+        batch = DecodeBatch(loaded)
+        ledger = BatchLedger(self.meter, loaded.devices)
+        # id(request) -> (item, request, queue seconds, load seconds)
+        rows: dict[int, tuple[_Queued, GenerationRequest, float, float]] = {}
+
+        def finish(ended: list[tuple[GenerationRequest, GenerationOutput | Exception]]) -> None:
+            shares = ledger.leave([id(req) for req, _ in ended])
+            for req, outcome in ended:
+                item, _, queued, load = rows.pop(id(req))
+                if isinstance(outcome, Exception):
+                    run.deliver(item, _failed(item.job, outcome if isinstance(
+                        outcome, EngineError) else _classify(outcome)))
+                    continue
+                assert req.window is not None
+                share = shares[id(req)]
+                metrics = _metrics(req.window.stop(), share, load_seconds=load,
+                                   prompt_tokens=len(req.prompt_ids),
+                                   completion_tokens=len(outcome.token_ids),
+                                   queue_seconds=queued)
+                run.deliver(item, self._completed(item.job, loaded, outcome, metrics,
+                                                  share.peak_batch, "dynamic-cache"))
+
+        def admit(items: list[_Queued], load: float, queued_until: float | None) -> None:
+            joining: list[GenerationRequest] = []
+            for item in items:
+                clock = self.meter.clock().start()
+                now = time.monotonic()
+                try:
+                    ids = encode_prompt(loaded, item.job)
+                except EngineError as exc:
+                    run.deliver(item, _failed(item.job, exc))
+                    continue
+                req = GenerationRequest(job=item.job, window=clock,
+                                        deadline=self._deadline(now),
+                                        cancelled=item.cancelled.is_set, prompt_ids=ids)
+                rows[id(req)] = (item, req, (queued_until or now) - item.submitted, load)
+                joining.append(req)
+            if joining:
+                ledger.join_many([(id(r), r.window, len(r.prompt_ids)) for r in joining
+                                  if r.window is not None])
+                finish(batch.add(joining))
+
         with loaded.lock:
-            device_window.start()
-            now = time.monotonic()
-            for req, window in zip(requests, windows, strict=True):
-                if shared:
-                    window.start()
-                req.window = window
-                req.deadline = self._deadline(now)
-            outcomes: list[GenerationOutput | Exception]
             try:
-                if static:
-                    try:
-                        outcomes = [generate_static(loaded, requests[0])]
-                    except EngineError as exc:
-                        outcomes = [exc]
-                else:
-                    outcomes = generate(loaded, requests)
-            except Exception:
-                device_window.stop()
-                raise
-            held = device_window.stop()
-        return outcomes, held, [w.stop() for w in windows]
+                admit(list(run.items), load_seconds, started)
+                while len(batch):
+                    finish(batch.step())
+                    free = self.batch_size - len(batch)
+                    if free > 0 and self.batch_size > 1 and len(batch) and batch.mergeable:
+                        joined = self._join_queued(loaded.spec.name, free)
+                        if joined:
+                            for item in joined:
+                                item.future.set_running_or_notify_cancel()
+                            run.items.extend(joined)
+                            admit(joined, 0.0, None)
+            except Exception as exc:
+                err = exc if isinstance(exc, EngineError) else _classify(exc)
+                batch.abort()
+                ledger.close()
+                release_memory(loaded.devices)
+                for item, _, _, _ in rows.values():
+                    run.deliver(item, _failed(item.job, err))
+                rows.clear()
+            finally:
+                ledger.close()
+
+    def _wants_static(self, loaded: LoadedModel) -> bool:
+        if loaded.key in self._static_broken or self.decode == "dynamic":
+            return False
+        return self.decode == "static" or loaded.devices[0].kind == "cuda"
 
     def _completed(self, job: Job, loaded: LoadedModel, output: GenerationOutput | EmbeddingOutput,
                    metrics: Metrics, batch_size: int, decode: str = "dynamic-cache") -> JobResult:
@@ -523,18 +571,45 @@ class Engine:
                          metrics=metrics, profile=profile)
 
 
-def _metrics(own: Measurement, held: Measurement, *, load_seconds: float, prompt_tokens: int,
-             completion_tokens: int, queue_seconds: float, gpu_seconds: float,
-             gpu_busy_seconds: float | None, energy_joules: float | None,
-             shared: bool = False) -> Metrics:
-    """A job's metrics: its own clock (wall, token times) and its share of the device window."""
-    return Metrics(execution_time_seconds=own.wall_seconds, gpu_time_seconds=gpu_seconds,
-                   load_time_seconds=load_seconds, device=held.device, gpu_count=held.gpu_count,
-                   measurement=held.method + ("+shared-by-token-work" if shared else ""),
+def _metrics(own: Measurement, share: JobShare, *, load_seconds: float, prompt_tokens: int,
+             completion_tokens: int, queue_seconds: float) -> Metrics:
+    """A job's metrics: its own clock (wall, token times) and its share of the device windows."""
+    shared = share.peak_batch > 1
+    return Metrics(execution_time_seconds=own.wall_seconds, gpu_time_seconds=share.gpu_seconds,
+                   load_time_seconds=load_seconds, device=share.device,
+                   gpu_count=share.gpu_count,
+                   measurement=share.method + ("+shared-by-token-work" if shared else ""),
                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    ttft_seconds=own.ttft_seconds, tpot_seconds=own.tpot_seconds,
-                   gpu_busy_seconds=gpu_busy_seconds, energy_joules=energy_joules,
-                   peak_memory_bytes=held.peak_memory_bytes, queue_seconds=queue_seconds)
+                   gpu_busy_seconds=share.gpu_busy_seconds, energy_joules=share.energy_joules,
+                   peak_memory_bytes=share.peak_memory_bytes, queue_seconds=queue_seconds)
+
+
+class _Run:
+    """The jobs one runner thread answers: those it started with and those that joined."""
+
+    def __init__(self, engine: Engine, items: list[_Queued]):
+        self.engine = engine
+        self.items = items
+        self._answered: set[int] = set()
+
+    def deliver(self, item: _Queued, result: JobResult) -> None:
+        """Answer one job (once), and let the dispatcher know it left the device."""
+        if id(item) in self._answered:
+            return
+        self._answered.add(id(item))
+        with self.engine._cond:
+            self.engine._running.discard(id(item))
+            self.engine._cond.notify_all()
+        if not item.future.done():
+            item.future.set_result(result)
+        _log_result(result)
+
+    def fail_open(self, err: EngineError) -> None:
+        """Answer every job not answered yet with ``err``."""
+        for item in list(self.items):
+            if id(item) not in self._answered:
+                self.deliver(item, _failed(item.job, err))
 
 
 def _classify(exc: BaseException) -> EngineError:

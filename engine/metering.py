@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,11 @@ class MeterWindow:
         self._t0 = time.perf_counter()
         return self
 
+    @property
+    def token_count(self) -> int:
+        """Tokens marked so far."""
+        return len(self._tokens)
+
     def token(self, count: int = 1) -> None:
         """Mark that ``count`` tokens became final now (called from the decode loop)."""
         now = time.perf_counter() - self._t0
@@ -238,3 +243,125 @@ class Meter:
         """A new, not yet started, window over ``devices``."""
         self.windows_opened += 1
         return MeterWindow(devices, self.nvml, self.cuda)
+
+    def clock(self) -> MeterWindow:
+        """A new, not yet started, window over no device: one job's wall time and token stamps
+        while the devices' windows are shared with batch mates (see :class:`BatchLedger`)."""
+        return MeterWindow([], None, track_memory=False)
+
+
+@dataclass
+class JobShare:
+    """A job's part of the device windows it shared with batch mates."""
+
+    gpu_seconds: float = 0.0
+    gpu_busy_seconds: float | None = 0.0
+    energy_joules: float | None = 0.0
+    peak_memory_bytes: int | None = None
+    device: str = "cpu"
+    gpu_count: int = 0
+    method: str = ""
+    peak_batch: int = 0  # the most jobs that shared one window with this one
+
+    @classmethod
+    def alone(cls, measured: Measurement) -> JobShare:
+        """The share of a job that held its window alone: all of it."""
+        share = cls()
+        share.add(measured, measured.gpu_seconds, measured.gpu_busy_seconds,
+                  measured.energy_joules, 1)
+        return share
+
+    def add(self, measured: Measurement, gpu: float, busy: float | None,
+            energy: float | None, members: int) -> None:
+        """Add this job's share of one closed window."""
+        self.gpu_seconds += gpu
+        self.gpu_busy_seconds = None if busy is None or self.gpu_busy_seconds is None \
+            else self.gpu_busy_seconds + busy
+        self.energy_joules = None if energy is None or self.energy_joules is None \
+            else self.energy_joules + energy
+        if measured.peak_memory_bytes is not None:
+            self.peak_memory_bytes = max(self.peak_memory_bytes or 0, measured.peak_memory_bytes)
+        self.device, self.gpu_count, self.method = (measured.device, measured.gpu_count,
+                                                     measured.method)
+        self.peak_batch = max(self.peak_batch, members)
+
+
+@dataclass
+class _Member:
+    clock: MeterWindow
+    pending: int  # prompt tokens not yet billed to a window
+    counted: int  # the clock's generated tokens already billed
+    share: JobShare = field(default_factory=JobShare)
+
+
+class BatchLedger:
+    """Device windows over a batch whose members change between decode steps.
+
+    Every join or leave closes the open window and opens the next, so each
+    window has a fixed set of members; its GPU seconds, CUDA-busy seconds and
+    energy are shared among them by the token work each did inside it (prompt
+    tokens in the window that prefilled them, then one per generated token,
+    read from the job's own clock window). Summed over all jobs, the shares
+    equal the time the devices were held: nothing is billed twice.
+    """
+
+    def __init__(self, meter: Meter, devices: Sequence[Device]):
+        self._meter = meter
+        self._devices = tuple(devices)
+        self._window: MeterWindow | None = None
+        self._members: dict[Hashable, _Member] = {}
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def join(self, key: Hashable, clock: MeterWindow, prompt_tokens: int) -> None:
+        """Add a job (its clock window already started) before its prefill runs."""
+        self.join_many([(key, clock, prompt_tokens)])
+
+    def join_many(self, joiners: Iterable[tuple[Hashable, MeterWindow, int]]) -> None:
+        """Add several jobs at one step boundary."""
+        self._close()
+        for key, clock, prompt_tokens in joiners:
+            self._members[key] = _Member(clock=clock, pending=prompt_tokens,
+                                         counted=clock.token_count)
+        self._open()
+
+    def leave(self, keys: Iterable[Hashable]) -> dict[Hashable, JobShare]:
+        """Remove jobs that finished at this step boundary; returns their shares."""
+        keys = [k for k in keys if k in self._members]
+        if not keys:
+            return {}
+        self._close()
+        out = {k: self._members.pop(k).share for k in keys}
+        self._open()
+        return out
+
+    def close(self) -> dict[Hashable, JobShare]:
+        """Close the open window and remove every member; returns their shares."""
+        self._close()
+        out = {k: m.share for k, m in self._members.items()}
+        self._members.clear()
+        return out
+
+    def _open(self) -> None:
+        if self._members:
+            self._window = self._meter.window(self._devices).start()
+
+    def _close(self) -> None:
+        window, self._window = self._window, None
+        if window is None:
+            return
+        measured = window.stop()
+        members = list(self._members.values())
+        work = []
+        for m in members:
+            now = m.clock.token_count
+            work.append(m.pending + now - m.counted)
+            m.pending, m.counted = 0, now
+        gpu = share_by_work(measured.gpu_seconds, work)
+        busy = share_by_work(measured.gpu_busy_seconds, work) \
+            if measured.gpu_busy_seconds is not None else [None] * len(work)
+        energy = share_by_work(measured.energy_joules, work) \
+            if measured.energy_joules is not None else [None] * len(work)
+        for k, m in enumerate(members):
+            m.share.add(measured, gpu[k], busy[k], energy[k], len(members))

@@ -7,10 +7,12 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_gpt2, tiny_entry, write_registry
 
 from engine import Engine, parse_payload
 from engine.jobs import GenerationOutput
@@ -259,3 +261,55 @@ def test_a_broken_fast_path_falls_back_to_the_dynamic_loop(
         assert result.ok and result.profile is not None, result.error
         assert result.profile.decode == "dynamic-cache"
     assert first.result_hash == second.result_hash
+
+
+def _wait_until(predicate: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        threading.Event().wait(0.001)
+
+
+def test_queued_jobs_take_free_rows_of_a_running_batch(registry_path: Path) -> None:
+    """Jobs queued while a batch decodes join it between steps, finish while it goes on,
+    and give exactly what they give alone (greedy, stop strings, seeded sampling)."""
+    long = _gen("a long story", max_tokens=240)
+    joiners = [_gen("joiner one", max_tokens=5), _gen("joiner two", max_tokens=30, stop=["q"]),
+               _gen("joiner three", temperature=1.1, seed=5, max_tokens=12)]
+    with Engine(registry_path, devices=["cpu"]) as alone:
+        want = [alone.run(j) for j in [long, *joiners]]
+    assert isinstance(want[0].output, GenerationOutput) and len(want[0].output.token_ids) == 240
+    with Engine(registry_path, devices=["cpu"], batch_size=4) as eng:
+        eng.run(_gen(max_tokens=1))  # warm: the long job starts decoding at once
+        first = eng.submit(long)
+        _wait_until(first.running)
+        later = [eng.submit(j) for j in joiners]
+        got = [h.result(60) for h in later]
+        assert not first.done(), "the joiners should end while the long job still runs"
+        got.insert(0, first.result(60))
+    for w, g in zip(want, got, strict=True):
+        assert g.ok and g.output == w.output and g.result_hash == w.result_hash, g.error
+        assert g.profile is not None and g.profile.batched and g.profile.batch_size >= 2
+        assert g.metrics is not None and "+shared-by-token-work" in g.metrics.measurement
+    assert got[1].metrics is not None and got[1].metrics.load_time_seconds == 0.0
+
+
+def test_a_running_batch_does_not_overtake_a_job_for_another_model(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A job for another model queued first keeps its turn: later jobs for the running
+    model do not slip into the batch ahead of it."""
+    other_dir = make_tiny_gpt2(tmp_path / "other", seed=3)
+    registry = write_registry(tmp_path / "models.yaml", {
+        "tiny-gpt2": tiny_entry(tiny_model_dir), "tiny-other": tiny_entry(other_dir)})
+    with Engine(registry, devices=["cpu"], batch_size=4) as eng:
+        eng.run(_gen(max_tokens=1))
+        eng.run({**_gen(max_tokens=1), "model": "tiny-other"})
+        first = eng.submit(_gen("a long story", max_tokens=240))
+        _wait_until(first.running)
+        other = eng.submit({**_gen("other model", max_tokens=4), "model": "tiny-other"})
+        late = eng.submit(_gen("late for the batch", max_tokens=4))
+        results = [h.result(60) for h in (first, other, late)]
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.profile.batch_size for r in results if r.profile] == [1, 1, 1]
+    assert results[2].metrics is not None and results[1].metrics is not None
+    assert results[2].metrics.queue_seconds >= results[1].metrics.queue_seconds

@@ -70,19 +70,19 @@ def quick_config(model: str, **overrides: Any) -> BenchConfig:
 
 @dataclass
 class RecordingMeter(Meter):
-    """The engine's :class:`Meter`, keeping each window it opens so the bench can read
+    """The engine's :class:`Meter`, keeping each job clock it opens so the bench can read
     the per-token timestamps (inter-token latency) that :class:`Metrics` summarises."""
 
     recorded: list[MeterWindow] = field(default_factory=list, init=False)
 
-    def window(self, devices: Sequence[Device]) -> MeterWindow:
-        """A new window over ``devices``, remembered."""
-        w = super().window(devices)
+    def clock(self) -> MeterWindow:
+        """A new job clock, remembered."""
+        w = super().clock()
         self.recorded.append(w)
         return w
 
     def take(self) -> list[MeterWindow]:
-        """The windows opened since the last call."""
+        """The job clocks opened since the last call."""
         out, self.recorded = self.recorded, []
         return out
 

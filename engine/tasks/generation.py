@@ -2,8 +2,9 @@
 
 The decode loop is the engine's own (prefill, then one token per step with a
 dynamic KV cache), so that each row keeps its own parameters, its own seeded
-sampler, its own stop rule and its own token timestamps, and so that a row
-that finished leaves the batch and stops costing work.
+sampler, its own stop rule and its own token timestamps, so that a row that
+finished leaves the batch and stops costing work, and so that a new job can
+take its place between two steps (:class:`DecodeBatch`).
 
 Semantics of the output: ``token_ids`` are the generated ids, including the
 EOS id when the model ended with one and the token that completed a stop
@@ -155,89 +156,194 @@ def _check_alive(rows: Sequence[_Row]) -> None:
                                         f"after {len(row.generated)} tokens")
 
 
-def generate(loaded: LoadedModel, requests: Sequence[GenerationRequest]
-             ) -> list[GenerationOutput | Exception]:
-    """Run generation jobs together as one left-padded batch; one outcome per request.
+Outcome = GenerationOutput | Exception
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class DecodeBatch:
+    """A live, left-padded decode batch over one loaded causal LM.
+
+    Rows join with :meth:`add` (their prompts are prefilled together, then
+    their KV cache is merged into the batch's, left-padded to a common length)
+    and leave when they finish, so between two :meth:`step` calls a finished
+    row's place can go to a new job. Each row keeps its own parameters, seeded
+    sampler, stop rule and clock; padding is masked, so a row's tokens do not
+    depend on its batch mates beyond floating-point rounding.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        from transformers import DynamicCache
+
+        self.loaded = loaded
+        self._model = loaded.model
+        self._device = loaded.input_device
+        self._eos = loaded.eos_token_ids()
+        vocab = int(self._model.config.vocab_size)
+        self._pad = next((e for e in sorted(self._eos) if e < vocab), 0)  # masked out anyway
+        self._cache_arg = _cache_argument(self._model)
+        # Only the last position's logits are needed: skip the LM head elsewhere in prefill.
+        self._last_only = {"logits_to_keep": 1} if _accepts(self._model, "logits_to_keep") \
+            else {}
+        self._new_cache = lambda: DynamicCache(config=self._model.config)
+        self.rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
+        self._positions = torch.zeros((0, 1), dtype=torch.long, device=self._device)
+        self._pending: list[int] = []  # each row's next input token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether rows can join a batch that is already decoding (plain per-layer KV tensors)."""
+        from transformers.cache_utils import DynamicLayer
+
+        if self._cache is None:
+            return True
+        return all(type(layer) is DynamicLayer for layer in getattr(self._cache, "layers", [None]))
+
+    def add(self, requests: Sequence[GenerationRequest]) -> list[tuple[GenerationRequest, Outcome]]:
+        """Prefill ``requests`` (prompt ids set, windows started) and take them into the batch.
+
+        Returns the requests that ended already (first token was the last, or
+        cancelled, or past the deadline) with their outcomes.
+        """
+        rows = [_Row(r, r.job.params, _make_generator(r.job)) for r in requests]
+        for row in rows:
+            if row.params.repetition_penalty != 1.0:
+                row.seen = torch.tensor(row.request.prompt_ids, dtype=torch.long)
+        _check_alive(rows)
+        ended = [(row.request, self._outcome(row)) for row in rows if row.error is not None]
+        rows = [row for row in rows if row.error is None]
+        if not rows:
+            return ended
+        if self.rows and not self.mergeable:
+            raise RuntimeError("this model's KV cache cannot take rows into a running batch")
+        width = max(len(r.request.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.request.prompt_ids)
+            ids[i, width - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        with torch.inference_mode():
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              use_cache=True, **{self._cache_arg: cache}, **self._last_only)
+        chosen = self._choose(rows, out.logits[:, -1, :].float())
+        self._merge(rows, cache, mask, positions[:, -1:], chosen)
+        return ended + self._drop_finished()
+
+    def step(self) -> list[tuple[GenerationRequest, Outcome]]:
+        """One decode step for every row; returns the requests that ended with it."""
+        if not self.rows:
+            return []
+        step_input = torch.tensor(self._pending, dtype=torch.long,
+                                  device=self._device).unsqueeze(-1)
+        self._mask = torch.cat([self._mask, torch.ones_like(step_input)], dim=-1)
+        self._positions = self._positions + 1
+        with torch.inference_mode():
+            out = self._model(input_ids=step_input, attention_mask=self._mask,
+                              position_ids=self._positions, use_cache=True,
+                              **{self._cache_arg: self._cache})
+        self._pending = self._choose(self.rows, out.logits[:, -1, :].float())
+        return self._drop_finished()
+
+    def abort(self) -> list[GenerationRequest]:
+        """Empty the batch (after a failed forward pass); returns the requests it held."""
+        held = [row.request for row in self.rows]
+        for row in self.rows:
+            if row.request.window is not None:
+                row.request.window.stop()
+        self.rows, self._pending, self._cache = [], [], None
+        return held
+
+    # ------------------------------------------------------------ internals
+    def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        chosen = [_pick(row, logits[j]) for j, row in enumerate(rows)]
+        for row, token in zip(rows, chosen, strict=True):
+            row.generated.append(token)
+            if row.request.window is not None:
+                row.request.window.token()
+            if row.seen is not None:
+                row.seen = torch.cat([row.seen, torch.tensor([token])])
+            _check_stop(row, tokenizer, self._eos)
+        _check_alive(rows)
+        return chosen
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor,
+               positions: torch.Tensor, chosen: list[int]) -> None:
+        if not self.rows:
+            self.rows, self._cache, self._mask = rows, cache, mask
+            self._positions, self._pending = positions, chosen
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, -2),
+                                   _pad_left(theirs.keys, width, -2)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, width, -2),
+                                     _pad_left(theirs.values, width, -2)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._positions = torch.cat([self._positions, positions])
+        self.rows = self.rows + rows
+        self._pending = self._pending + chosen
+
+    def _drop_finished(self) -> list[tuple[GenerationRequest, Outcome]]:
+        done = [j for j, row in enumerate(self.rows) if row.finish or row.error]
+        if not done:
+            return []
+        ended = [(self.rows[j].request, self._outcome(self.rows[j])) for j in done]
+        keep = [j for j in range(len(self.rows)) if j not in set(done)]
+        self.rows = [self.rows[j] for j in keep]
+        self._pending = [self._pending[j] for j in keep]
+        if not keep:
+            self._cache = None
+            return ended
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        # Columns that are padding for every remaining row cost attention work: cut them.
+        first = int(self._mask.any(0).nonzero()[0].item())
+        if first > 0 and self.mergeable:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+            self._mask = self._mask[:, first:]
+        return ended
+
+    def _outcome(self, row: _Row) -> Outcome:
+        if row.request.window is not None:
+            row.request.window.stop()
+        if row.error is not None:
+            return row.error
+        text = row.text if row.finish == "stop" else self.loaded.tokenizer.decode(
+            row.generated, skip_special_tokens=True)
+        return GenerationOutput(text=text, token_ids=row.generated,
+                                finish_reason=row.finish or "length")
+
+
+def generate(loaded: LoadedModel, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+    """Run generation jobs together as one batch; one outcome per request, in order.
 
     Each request's ``prompt_ids`` must be set (see :func:`encode_prompt`) and its
     window started. An outcome is the output, or the exception that ended that
     row (timeout, cancellation); other rows go on.
     """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    device = loaded.input_device
-    eos = loaded.eos_token_ids()
-    rows = [_Row(r, r.job.params, _make_generator(r.job)) for r in requests]
-    for row in rows:
-        if row.params.repetition_penalty != 1.0:
-            row.seen = torch.tensor(row.request.prompt_ids, dtype=torch.long)
-    _check_alive(rows)
-    vocab = int(model.config.vocab_size)
-    pad = next((e for e in sorted(eos) if e < vocab), 0)  # any in-vocabulary id; masked out
-    width = max(len(r.request.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.request.prompt_ids)
-        ids[i, width - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
-        mask[i, width - n:] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    active = [i for i, r in enumerate(rows) if r.error is None]
-    if len(active) < len(rows):
-        keep = torch.tensor(active, dtype=torch.long, device=device)
-        ids, mask, positions = ids[keep], mask[keep], positions[keep]
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache_arg = _cache_argument(model)
-    # Only the last position's logits are needed: skip the LM head elsewhere in prefill.
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    step_input, step_positions = ids, positions
-    with torch.inference_mode():
-        while active:
-            # The cache object is filled in place by each forward pass.
-            out = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                        use_cache=True, **{cache_arg: cache}, **last_only)
-            logits = out.logits[:, -1, :].float()
-            chosen = [_pick(rows[i], logits[j]) for j, i in enumerate(active)]
-            for i, token in zip(active, chosen, strict=True):
-                row = rows[i]
-                row.generated.append(token)
-                if row.request.window is not None:
-                    row.request.window.token()
-                if row.seen is not None:
-                    row.seen = torch.cat([row.seen, torch.tensor([token])])
-                _check_stop(row, tokenizer, eos)
-            _check_alive([rows[i] for i in active])
-            for i in active:
-                row = rows[i]
-                if (row.finish or row.error) and row.request.window is not None:
-                    row.request.window.stop()
-            still = [j for j, i in enumerate(active)
-                     if rows[i].finish is None and rows[i].error is None]
-            if not still:
-                break
-            if len(still) < len(active):
-                keep = torch.tensor(still, dtype=torch.long, device=device)
-                cache.batch_select_indices(keep)
-                mask = mask[keep]
-                step_positions_prev = (step_positions[keep])[:, -1:]
-                chosen = [chosen[j] for j in still]
-                active = [active[j] for j in still]
-            else:
-                step_positions_prev = step_positions[:, -1:]
-            step_input = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones_like(step_input)], dim=-1)
-            step_positions = step_positions_prev + 1
-
-    outcomes: list[GenerationOutput | Exception] = []
-    for row in rows:
-        if row.error is not None:
-            outcomes.append(row.error)
-            continue
-        text = row.text if row.finish == "stop" else tokenizer.decode(
-            row.generated, skip_special_tokens=True)
-        outcomes.append(GenerationOutput(text=text, token_ids=row.generated,
-                                         finish_reason=row.finish or "length"))
-    return outcomes
+    batch = DecodeBatch(loaded)
+    ended = dict((id(req), out) for req, out in batch.add(requests))
+    while len(batch):
+        ended.update((id(req), out) for req, out in batch.step())
+    return [ended[id(r)] for r in requests]
