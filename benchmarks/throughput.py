@@ -3,10 +3,11 @@
 For each new-token count and each concurrency level c, the same fixed set of
 prompts (64 by default, all different) runs twice through `Engine`:
 
-* one at a time (`batch_size=1`): every job alone. Its per-job times do not
-  depend on c, so this run is made once per new-token count; the latency a job
-  would see when c jobs arrive together and queue for one slot is replayed from
-  those measured times (first-in, first-out);
+* one at a time (`batch_size=1`): every job alone, run again right before each
+  batched run so that both see the same state of a shared, noisy machine
+  (``--alone-once`` measures it once per new-token count instead). The latency
+  a job would see when c clients share one slot is replayed from the measured
+  job times (first-in, first-out), for the same arrival pattern;
 * batched (`batch_size=c`), with one of two arrival patterns (``--arrival``):
 
   - ``closed`` (default): c clients, each submitting its next prompt the moment
@@ -25,7 +26,8 @@ result hash) equal the one-at-a-time tokens, naming the prompts that differ.
 
     python benchmarks/throughput.py [--model smollm2-135m] [--concurrency 1,2,4,8,16]
                                     [--new-tokens 32,128] [--prompts 64]
-                                    [--arrival closed|burst] [--json OUT]
+                                    [--prompt-set completion|questions]
+                                    [--arrival closed|burst] [--alone-once] [--json OUT]
 """
 
 from __future__ import annotations
@@ -43,15 +45,25 @@ from engine.jobs import GenerationOutput, JobResult
 
 SUBJECTS = ["the ocean", "a GPU", "Paris", "bread", "the moon", "a violin", "winter", "rivers",
             "chess", "a lighthouse", "bees", "the printing press"]
-FRAMES = ["Tell me about {}.", "Write one sentence about {}.", "What is special about {}?",
-          "Describe {} to a child.", "List three facts about {}.", "Why do people love {}?"]
+# Text to continue: a base model writes on to the token limit, so the run measures
+# decoding. (With the question set, smollm2-135m ends 19 of 48 jobs with EOS as
+# its first token, which measures prefill instead.)
+COMPLETION_FRAMES = ["Here is a short story about {}. Once upon a time,",
+                     "A few facts about {}: first,", "My favourite memory of {} is when",
+                     "If you have never seen {}, imagine", "The history of {} begins",
+                     "The most interesting thing about {} is",
+                     "Scientists who study {} have found that", "Everyone should know that {}"]
+QUESTION_FRAMES = ["Tell me about {}.", "Write one sentence about {}.",
+                   "What is special about {}?", "Describe {} to a child.",
+                   "List three facts about {}.", "Why do people love {}?"]
+PROMPT_SETS = {"completion": COMPLETION_FRAMES, "questions": QUESTION_FRAMES}
 
 
-def prompts(count: int) -> list[str]:
-    """``count`` different prompts, the same on every run."""
-    pool = [f.format(s) for f, s in itertools.product(FRAMES, SUBJECTS)]
+def prompts(count: int, prompt_set: str = "completion") -> list[str]:
+    """``count`` different prompts from ``prompt_set``, the same on every run."""
+    pool = [f.format(s) for f, s in itertools.product(PROMPT_SETS[prompt_set], SUBJECTS)]
     if count > len(pool):
-        raise SystemExit(f"at most {len(pool)} prompts")
+        raise SystemExit(f"at most {len(pool)} prompts in the {prompt_set!r} set")
     return pool[:count]
 
 
@@ -170,23 +182,34 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--new-tokens", default="32,128")
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-set", default="completion", choices=sorted(PROMPT_SETS),
+                        help="text to continue (runs to the token limit) or questions")
     parser.add_argument("--arrival", default="closed", choices=["closed", "burst"],
                         help="how the batched run's jobs arrive (see above)")
     parser.add_argument("--window", type=float, default=0.05, help="batch gathering window (s)")
+    parser.add_argument("--alone-once", action="store_true",
+                        help="time the one-at-a-time run once per new-token count (faster, "
+                             "but the ratio then spans minutes of machine noise)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     lengths = [int(x) for x in args.new_tokens.split(",")]
-    texts = prompts(args.prompts)
+    texts = prompts(args.prompts, args.prompt_set)
     rows: list[dict[str, Any]] = []
     options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
     with Engine(**options) as alone:
         alone.run(_job(args.model, texts[0], 4))  # load and warm up, not measured
         for new_tokens in lengths:
             solo_tokens, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
-            solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
-            for c in levels:
-                with Engine(**options, batch_size=c, batch_window_seconds=args.window) as eng:
+            for n, c in enumerate(levels):
+                if n and not args.alone_once:
+                    again, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
+                    if again != solo_tokens:
+                        raise SystemExit("one-at-a-time tokens changed between runs")
+                solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
+                # The same pool: both engines run the very same weights in memory.
+                with Engine(**options, pool=alone.pool, batch_size=c,
+                            batch_window_seconds=args.window) as eng:
                     eng.run(_job(args.model, texts[0], 4))
                     run = closed_loop if args.arrival == "closed" else batched
                     b_tokens, b_lat, b_wall, sizes = run(eng, args.model, texts, new_tokens, c)
@@ -195,7 +218,8 @@ def main() -> int:
                 q_lat = replay_queue(solo_seconds, c, args.arrival)
                 rows.append({
                     "new_tokens": new_tokens, "concurrency": c, "jobs": len(texts),
-                    "arrival": args.arrival,
+                    "arrival": args.arrival, "prompt_set": args.prompt_set,
+                    "mean_new_tokens": statistics.mean(map(len, b_tokens)),
                     "alone_tokens_per_s": solo_rate, "batched_tokens_per_s": rate,
                     "ratio": rate / solo_rate,
                     "alone_p50_s": statistics.median(q_lat), "alone_p99_s": _pct(q_lat, 99),
@@ -208,10 +232,12 @@ def main() -> int:
                       f"  batched {r['batched_tokens_per_s']:7.1f} tok/s  x{r['ratio']:5.2f}"
                       f"  p50/p99 alone {r['alone_p50_s']:6.2f}/{r['alone_p99_s']:6.2f} s"
                       f"  batched {r['batched_p50_s']:6.2f}/{r['batched_p99_s']:6.2f} s"
-                      f"  agree {r['agreement']:6.1%}  mean batch {r['mean_batch']:.1f}",
+                      f"  agree {r['agreement']:6.1%}  mean batch {r['mean_batch']:.1f}"
+                      f"  mean new tokens {r['mean_new_tokens']:.1f}",
                       flush=True)
     print()
-    print(f"{args.model}, {args.weights} weights, arrival {args.arrival}, {len(texts)} prompts")
+    print(f"{args.model}, {args.weights} weights, arrival {args.arrival}, {len(texts)} "
+          f"{args.prompt_set} prompts")
     print("| new tokens | concurrent | alone tok/s | batched tok/s | ratio | alone p50/p99 s "
           "| batched p50/p99 s | agreement |")
     print("|---|---|---|---|---|---|---|---|")

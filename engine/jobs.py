@@ -136,6 +136,8 @@ class ExecutionProfile(_Strict):
     hash_version: str
     decode: str = "dynamic-cache"
     batched: bool = False
+    # The most jobs that decoded in one step with this one (rows join and leave between
+    # steps, so this is the peak over the job's life); 1 when it ran alone.
     batch_size: int = 1
 
 
