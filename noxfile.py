@@ -40,5 +40,5 @@ def bench(session: nox.Session) -> None:
     """The benchmark scripts and the pytest-benchmark suites (prints ratios; slow)."""
     _install(session, "dev")
     session.run("python", "-m", "pytest", "benchmarks", "--benchmark-only", "-q")
-    for script in ("load_cache.py", "engine_overhead.py", "throughput.py"):
+    for script in ("load_cache.py", "engine_overhead.py", "cpu_layout.py", "throughput.py"):
         session.run("python", f"benchmarks/{script}", *session.posargs)

@@ -27,7 +27,8 @@ result hash) equal the one-at-a-time tokens, naming the prompts that differ.
     python benchmarks/throughput.py [--model smollm2-135m] [--concurrency 1,2,4,8,16]
                                     [--new-tokens 32,128] [--prompts 64]
                                     [--prompt-set completion|questions]
-                                    [--arrival closed|burst] [--alone-once] [--json OUT]
+                                    [--arrival closed|burst] [--repeats R] [--alone-once]
+                                    [--json OUT]
 """
 
 from __future__ import annotations
@@ -174,6 +175,61 @@ def replay_queue(seconds: list[float], c: int, arrival: str) -> list[float]:
     return out
 
 
+def measure(alone: Engine, args: argparse.Namespace, texts: list[str], new_tokens: int, c: int,
+            solo_tokens: list[list[int]], solo_seconds: list[float]) -> dict[str, Any]:
+    """The batched run at concurrency c, against the one-at-a-time run just measured."""
+    options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
+    # The same pool: both engines run the very same weights in memory.
+    with Engine(**options, pool=alone.pool, batch_size=c,
+                batch_window_seconds=args.window) as eng:
+        eng.run(_job(args.model, texts[0], 4))
+        run = closed_loop if args.arrival == "closed" else batched
+        b_tokens, b_lat, b_wall, sizes = run(eng, args.model, texts, new_tokens, c)
+    solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
+    rate = sum(map(len, b_tokens)) / b_wall
+    same = [a == b for a, b in zip(solo_tokens, b_tokens, strict=True)]
+    q_lat = replay_queue(solo_seconds, c, args.arrival)
+    return {
+        "new_tokens": new_tokens, "concurrency": c, "jobs": len(texts),
+        "arrival": args.arrival, "prompt_set": args.prompt_set,
+        "mean_new_tokens": statistics.mean(map(len, b_tokens)),
+        "alone_tokens_per_s": solo_rate, "batched_tokens_per_s": rate,
+        "ratio": rate / solo_rate,
+        "alone_p50_s": statistics.median(q_lat), "alone_p99_s": _pct(q_lat, 99),
+        "batched_p50_s": statistics.median(b_lat), "batched_p99_s": _pct(b_lat, 99),
+        "agreement": sum(same) / len(same), "mean_batch": statistics.mean(sizes),
+        "differing_prompts": [t for t, ok in zip(texts, same, strict=True) if not ok],
+    }
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print(f"new={r['new_tokens']:4d} c={r['concurrency']:3d} #{r['repeat']}"
+          f"  alone {r['alone_tokens_per_s']:7.1f} tok/s"
+          f"  batched {r['batched_tokens_per_s']:7.1f} tok/s  x{r['ratio']:5.2f}"
+          f"  p50/p99 alone {r['alone_p50_s']:6.2f}/{r['alone_p99_s']:6.2f} s"
+          f"  batched {r['batched_p50_s']:6.2f}/{r['batched_p99_s']:6.2f} s"
+          f"  agree {r['agreement']:6.1%}  mean job batch {r['mean_batch']:.1f}"
+          f"  mean new tokens {r['mean_new_tokens']:.1f}", flush=True)
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (new tokens, concurrency): the repeat with the median ratio, all ratios
+    listed (``ratio a / b / c``), and the lowest agreement over the repeats."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["new_tokens"], r["concurrency"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda r: r["ratio"])
+        median = dict(ordered[(len(ordered) - 1) // 2])
+        median["ratios"] = " / ".join(f"{r['ratio']:.2f}" for r in group)
+        if len(group) > 1:
+            median["ratios"] += f" (median {median['ratio']:.2f})"
+        median["agreement"] = min(r["agreement"] for r in group)
+        out.append(median)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -187,6 +243,9 @@ def main() -> int:
     parser.add_argument("--arrival", default="closed", choices=["closed", "burst"],
                         help="how the batched run's jobs arrive (see above)")
     parser.add_argument("--window", type=float, default=0.05, help="batch gathering window (s)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure each (alone, batched) pair this many times; the table "
+                             "shows every ratio and the median")
     parser.add_argument("--alone-once", action="store_true",
                         help="time the one-at-a-time run once per new-token count (faster, "
                              "but the ratio then spans minutes of machine noise)")
@@ -202,48 +261,24 @@ def main() -> int:
         for new_tokens in lengths:
             solo_tokens, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
             for n, c in enumerate(levels):
-                if n and not args.alone_once:
-                    again, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
-                    if again != solo_tokens:
-                        raise SystemExit("one-at-a-time tokens changed between runs")
-                solo_rate = sum(map(len, solo_tokens)) / sum(solo_seconds)
-                # The same pool: both engines run the very same weights in memory.
-                with Engine(**options, pool=alone.pool, batch_size=c,
-                            batch_window_seconds=args.window) as eng:
-                    eng.run(_job(args.model, texts[0], 4))
-                    run = closed_loop if args.arrival == "closed" else batched
-                    b_tokens, b_lat, b_wall, sizes = run(eng, args.model, texts, new_tokens, c)
-                rate = sum(map(len, b_tokens)) / b_wall
-                same = [a == b for a, b in zip(solo_tokens, b_tokens, strict=True)]
-                q_lat = replay_queue(solo_seconds, c, args.arrival)
-                rows.append({
-                    "new_tokens": new_tokens, "concurrency": c, "jobs": len(texts),
-                    "arrival": args.arrival, "prompt_set": args.prompt_set,
-                    "mean_new_tokens": statistics.mean(map(len, b_tokens)),
-                    "alone_tokens_per_s": solo_rate, "batched_tokens_per_s": rate,
-                    "ratio": rate / solo_rate,
-                    "alone_p50_s": statistics.median(q_lat), "alone_p99_s": _pct(q_lat, 99),
-                    "batched_p50_s": statistics.median(b_lat), "batched_p99_s": _pct(b_lat, 99),
-                    "agreement": sum(same) / len(same), "mean_batch": statistics.mean(sizes),
-                    "differing_prompts": [t for t, ok in zip(texts, same, strict=True) if not ok],
-                })
-                r = rows[-1]
-                print(f"new={new_tokens:4d} c={c:3d}  alone {r['alone_tokens_per_s']:7.1f} tok/s"
-                      f"  batched {r['batched_tokens_per_s']:7.1f} tok/s  x{r['ratio']:5.2f}"
-                      f"  p50/p99 alone {r['alone_p50_s']:6.2f}/{r['alone_p99_s']:6.2f} s"
-                      f"  batched {r['batched_p50_s']:6.2f}/{r['batched_p99_s']:6.2f} s"
-                      f"  agree {r['agreement']:6.1%}  mean batch {r['mean_batch']:.1f}"
-                      f"  mean new tokens {r['mean_new_tokens']:.1f}",
-                      flush=True)
+                for rep in range(args.repeats):
+                    if (n or rep) and not args.alone_once:
+                        again, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)
+                        if again != solo_tokens:
+                            raise SystemExit("one-at-a-time tokens changed between runs")
+                    rows.append(measure(alone, args, texts, new_tokens, c, solo_tokens,
+                                        solo_seconds))
+                    rows[-1]["repeat"] = rep
+                    _print_row(rows[-1])
     print()
     print(f"{args.model}, {args.weights} weights, arrival {args.arrival}, {len(texts)} "
           f"{args.prompt_set} prompts")
     print("| new tokens | concurrent | alone tok/s | batched tok/s | ratio | alone p50/p99 s "
           "| batched p50/p99 s | agreement |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in summary(rows):
         print(f"| {r['new_tokens']} | {r['concurrency']} | {r['alone_tokens_per_s']:.1f} | "
-              f"{r['batched_tokens_per_s']:.1f} | {r['ratio']:.2f} | {r['alone_p50_s']:.2f}/"
+              f"{r['batched_tokens_per_s']:.1f} | {r['ratios']} | {r['alone_p50_s']:.2f}/"
               f"{r['alone_p99_s']:.2f} | {r['batched_p50_s']:.2f}/{r['batched_p99_s']:.2f} | "
               f"{r['agreement']:.1%} |")
     for r in rows:
