@@ -22,18 +22,18 @@ from typing import Any
 import torch
 
 from engine import Engine
+from engine.loading import lay_linear_weights_input_major
 from engine.tasks.generation import _cache_argument
 
 
 def set_layout(model: torch.nn.Module, input_major: bool) -> None:
-    """Lay every Linear weight input-major (transposed storage) or output-major (contiguous)."""
+    """Lay every Linear weight input-major (as the engine does) or output-major (contiguous)."""
+    if input_major:
+        lay_linear_weights_input_major(model)
+        return
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            w = module.weight.data
-            if input_major and w.is_contiguous():
-                module.weight.data = w.t().contiguous().t()
-            elif not input_major and not w.is_contiguous():
-                module.weight.data = w.contiguous()
+        if isinstance(module, torch.nn.Linear) and not module.weight.is_contiguous():
+            module.weight.data = module.weight.data.contiguous()
 
 
 def step_seconds(model: Any, batch: int, context: int, steps: int

@@ -175,12 +175,15 @@ def replay_queue(seconds: list[float], c: int, arrival: str) -> list[float]:
     return out
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
+
+
 def measure(alone: Engine, args: argparse.Namespace, texts: list[str], new_tokens: int, c: int,
             solo_tokens: list[list[int]], solo_seconds: list[float]) -> dict[str, Any]:
     """The batched run at concurrency c, against the one-at-a-time run just measured."""
-    options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
     # The same pool: both engines run the very same weights in memory.
-    with Engine(**options, pool=alone.pool, batch_size=c,
+    with Engine(**_engine_options(args), pool=alone.pool, batch_size=c,
                 batch_window_seconds=args.window) as eng:
         eng.run(_job(args.model, texts[0], 4))
         run = closed_loop if args.arrival == "closed" else batched
@@ -255,8 +258,7 @@ def main() -> int:
     lengths = [int(x) for x in args.new_tokens.split(",")]
     texts = prompts(args.prompts, args.prompt_set)
     rows: list[dict[str, Any]] = []
-    options = {"devices": ["cpu"], "weights": args.weights, "dtype": args.dtype}
-    with Engine(**options) as alone:
+    with Engine(**_engine_options(args)) as alone:
         alone.run(_job(args.model, texts[0], 4))  # load and warm up, not measured
         for new_tokens in lengths:
             solo_tokens, solo_seconds = one_at_a_time(alone, args.model, texts, new_tokens)

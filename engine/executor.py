@@ -48,7 +48,7 @@ from engine.jobs import (
     parse_payload,
 )
 from engine.loading import LoadedModel, PoolKey, Weights
-from engine.metering import BatchLedger, JobShare, Measurement, Meter
+from engine.metering import BatchLedger, JobShare, Measurement, Meter, MeterWindow
 from engine.pool import ModelPool, release_memory
 from engine.registry import ModelSpec, Registry
 
@@ -358,8 +358,6 @@ class Engine:
     def _join_queued(self, model: str, free: int) -> list[_Queued]:
         """Queued jobs that take free rows of a running batch between two decode steps."""
         with self._cond:
-            if not self._queue:
-                return []
             return self._take_mates(model, free, in_order=True)
 
     # ------------------------------------------------------------ running
@@ -468,8 +466,7 @@ class Engine:
                 return None
             own, measured = clock.stop(), held.stop()
         if isinstance(outcome, Exception):
-            return _failed(item.job, outcome if isinstance(outcome, EngineError)
-                           else _classify(outcome))
+            return _failed(item.job, _classify(outcome))
         metrics = _metrics(own, JobShare.alone(measured), load_seconds=load_seconds,
                            prompt_tokens=len(req.prompt_ids),
                            completion_tokens=len(outcome.token_ids),
@@ -496,8 +493,7 @@ class Engine:
             for req, outcome in ended:
                 item, _, queued, load = rows.pop(id(req))
                 if isinstance(outcome, Exception):
-                    run.deliver(item, _failed(item.job, outcome if isinstance(
-                        outcome, EngineError) else _classify(outcome)))
+                    run.deliver(item, _failed(item.job, _classify(outcome)))
                     continue
                 assert req.window is not None
                 share = shares[id(req)]
@@ -510,6 +506,7 @@ class Engine:
 
         def admit(items: list[_Queued], load: float, queued_until: float | None) -> None:
             joining: list[GenerationRequest] = []
+            clocks: list[tuple[int, MeterWindow, int]] = []
             for item in items:
                 clock = self.meter.clock().start()
                 now = time.monotonic()
@@ -523,9 +520,9 @@ class Engine:
                                         cancelled=item.cancelled.is_set, prompt_ids=ids)
                 rows[id(req)] = (item, req, (queued_until or now) - item.submitted, load)
                 joining.append(req)
+                clocks.append((id(req), clock, len(ids)))
             if joining:
-                ledger.join_many([(id(r), r.window, len(r.prompt_ids)) for r in joining
-                                  if r.window is not None])
+                ledger.join_many(clocks)
                 finish(batch.add(joining))
 
         with loaded.lock:
@@ -534,7 +531,7 @@ class Engine:
                 while len(batch):
                     finish(batch.step())
                     free = self.batch_size - len(batch)
-                    if free > 0 and self.batch_size > 1 and len(batch) and batch.mergeable:
+                    if free > 0 and len(batch) and batch.mergeable:
                         joined = self._join_queued(loaded.spec.name, free)
                         if joined:
                             for item in joined:
@@ -542,9 +539,8 @@ class Engine:
                             run.items.extend(joined)
                             admit(joined, 0.0, None)
             except Exception as exc:
-                err = exc if isinstance(exc, EngineError) else _classify(exc)
+                err = _classify(exc)
                 batch.abort()
-                ledger.close()
                 release_memory(loaded.devices)
                 for item, _, _, _ in rows.values():
                     run.deliver(item, _failed(item.job, err))
@@ -613,9 +609,11 @@ class _Run:
 
 
 def _classify(exc: BaseException) -> EngineError:
-    """Map an unexpected exception from inside a job to a typed engine error."""
+    """Map an exception from inside a job to a typed engine error (a typed one stays itself)."""
     import torch
 
+    if isinstance(exc, EngineError):
+        return exc
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return DeviceOutOfMemoryError(f"the device ran out of memory: {exc}")
     return ExecutionError(f"{type(exc).__name__}: {exc}")

@@ -311,9 +311,6 @@ class BatchLedger:
         self._window: MeterWindow | None = None
         self._members: dict[Hashable, _Member] = {}
 
-    def __len__(self) -> int:
-        return len(self._members)
-
     def join(self, key: Hashable, clock: MeterWindow, prompt_tokens: int) -> None:
         """Add a job (its clock window already started) before its prefill runs."""
         self.join_many([(key, clock, prompt_tokens)])

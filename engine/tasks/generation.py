@@ -196,6 +196,7 @@ class DecodeBatch:
         self._new_cache = lambda: DynamicCache(config=self._model.config)
         self.rows: list[_Row] = []
         self._cache: Any = None
+        self._mergeable = True  # settled by the first cache: plain per-layer KV tensors
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
         self._positions = torch.zeros((0, 1), dtype=torch.long, device=self._device)
         self._pending: list[int] = []  # each row's next input token
@@ -206,11 +207,7 @@ class DecodeBatch:
     @property
     def mergeable(self) -> bool:
         """Whether rows can join a batch that is already decoding (plain per-layer KV tensors)."""
-        from transformers.cache_utils import DynamicLayer
-
-        if self._cache is None:
-            return True
-        return all(type(layer) is DynamicLayer for layer in getattr(self._cache, "layers", [None]))
+        return self._mergeable
 
     def add(self, requests: Sequence[GenerationRequest]) -> list[tuple[GenerationRequest, Outcome]]:
         """Prefill ``requests`` (prompt ids set, windows started) and take them into the batch.
@@ -287,8 +284,12 @@ class DecodeBatch:
     def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor,
                positions: torch.Tensor, chosen: list[int]) -> None:
         if not self.rows:
+            from transformers.cache_utils import DynamicLayer
+
             self.rows, self._cache, self._mask = rows, cache, mask
             self._positions, self._pending = positions, chosen
+            self._mergeable = all(type(layer) is DynamicLayer
+                                  for layer in getattr(cache, "layers", [None]))
             return
         width = max(self._mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
