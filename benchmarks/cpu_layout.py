@@ -1,12 +1,20 @@
-"""CPU weight layout: decode step time with Linear weights output-major against input-major.
+"""CPU linear layers: decode step time with BLAS (two weight layouts) against the engine's kernel.
 
-The engine stores every ``nn.Linear`` weight input-major on the CPU
-(`engine.loading.lay_linear_weights_input_major`). This script measures why:
-on the same loaded model it times one decode step (KV cache filled by a
-prompt of ``--context`` tokens) at several batch sizes with the weights laid
-output-major (as checkpoints ship them) and input-major, alternating the two
-layouts round by round so that a noisy machine hurts both alike. It prints the
-best step time of each, their ratio, and whether the greedy next tokens agree.
+On the CPU the engine computes every linear layer with its row-invariant
+kernel (`engine.kernels.rowgemm`), and where that cannot be built it keeps
+torch's BLAS with the weights stored input-major
+(`engine.loading.lay_linear_weights_input_major`). This script measures both
+choices: on one loaded model it times one decode step (KV cache filled by a
+prompt of ``--context`` tokens) at several batch sizes with
+
+* ``blas-out``: BLAS, weights output-major, as checkpoints ship them;
+* ``blas-in``: BLAS, weights input-major (the fallback);
+* ``kernel``: the row-invariant kernel (the default),
+
+taking the three in turn round by round so that a noisy machine hurts all
+alike. It prints the best step time of each, the kernel's speed-up over
+``blas-in``, each one's step cost against its own batch of 1, and whether
+every batch row's greedy tokens equal that prompt's tokens decoded alone.
 
     python benchmarks/cpu_layout.py [--model smollm2-135m] [--batches 1,4,8,16]
                                     [--rounds 3] [--steps 10] [--context 24]
@@ -15,6 +23,8 @@ best step time of each, their ratio, and whether the greedy next tokens agree.
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import threading
 import time
 from typing import Any
@@ -22,6 +32,7 @@ from typing import Any
 import torch
 
 from engine import Engine
+from engine.kernels.rowgemm import kernel_status, pack_linear_layers
 from engine.loading import lay_linear_weights_input_major
 from engine.tasks.generation import _cache_argument
 
@@ -36,14 +47,12 @@ def set_layout(model: torch.nn.Module, input_major: bool) -> None:
             module.weight.data = module.weight.data.contiguous()
 
 
-def step_seconds(model: Any, batch: int, context: int, steps: int
-                 ) -> tuple[float, list[int]]:
-    """Best single decode-step time at ``batch`` rows, and the greedy tokens of the last step."""
+def step_seconds(model: Any, ids: torch.Tensor, steps: int) -> tuple[float, list[list[int]]]:
+    """Best single decode-step time for the prompts ``ids``, and each row's greedy tokens."""
     from transformers import DynamicCache
 
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, 1000, (batch, context), generator=gen)
     best = float("inf")
+    steps_tokens: list[list[int]] = []
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, **{_cache_argument(model): cache}, use_cache=True)
@@ -53,7 +62,11 @@ def step_seconds(model: Any, batch: int, context: int, steps: int
             out = model(input_ids=nxt, **{_cache_argument(model): cache}, use_cache=True)
             best = min(best, time.perf_counter() - began)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    return best, nxt.reshape(-1).tolist()
+            steps_tokens.append(nxt.reshape(-1).tolist())
+    return best, [list(row) for row in zip(*steps_tokens, strict=True)]
+
+
+WAYS = ("blas-out", "blas-in", "kernel")
 
 
 def main() -> int:
@@ -65,37 +78,56 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--context", type=int, default=24)
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = sorted({int(b) for b in args.batches.split(",")} | {1})
+    status = kernel_status()
+    if not status.available:
+        print(f"the kernel is not available here: {status.reason}")
+        return 1
+    os.environ["AITBC_ENGINE_LINEAR"] = "blas"  # the engine loads the BLAS model; we pack a copy
     with Engine(devices=["cpu"], weights=args.weights) as engine:
-        model = engine.load(args.model).model
-        best: dict[tuple[bool, int], float] = {}
-        tokens: dict[tuple[bool, int], list[int]] = {}
+        blas_model = engine.load(args.model).model
+        kernel_model = copy.deepcopy(blas_model)
+        pack_linear_layers(kernel_model, respect_setting=False)
+        prompts = torch.randint(0, 1000, (max(batches), args.context),
+                                generator=torch.Generator().manual_seed(0))
+        best: dict[tuple[str, int], float] = {}
+        tokens: dict[tuple[str, int], list[list[int]]] = {}
+        alone: dict[str, list[list[int]]] = {}
+
+        def model_for(way: str) -> Any:
+            if way != "kernel":
+                set_layout(blas_model, way == "blas-in")
+            return kernel_model if way == "kernel" else blas_model
 
         def measure() -> None:  # a fresh thread: OpenMP there is not slowed by the caller's state
             for _ in range(args.rounds):
-                for input_major in (False, True):
-                    set_layout(model, input_major)
+                for way in WAYS:
+                    model = model_for(way)
                     for b in batches:
-                        s, toks = step_seconds(model, b, args.context, args.steps)
-                        key = (input_major, b)
-                        best[key] = min(best.get(key, float("inf")), s)
-                        tokens[key] = toks
-            set_layout(model, True)
+                        s, toks = step_seconds(model, prompts[:b], args.steps)
+                        best[(way, b)] = min(best.get((way, b), float("inf")), s)
+                        tokens[(way, b)] = toks
+            for way in WAYS:
+                model = model_for(way)
+                alone[way] = [step_seconds(model, prompts[i:i + 1], args.steps)[1][0]
+                              for i in range(max(batches))]
 
         worker = threading.Thread(target=measure)
         worker.start()
         worker.join()
     print(f"{args.model}, decode step after {args.context} tokens, best of "
           f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
-    print("| batch | output-major ms | input-major ms | speed-up | tok/s input-major "
-          "| step vs batch 1 | same tokens |")
+    print("| batch | blas-out ms | blas-in ms | kernel ms | kernel speed-up over blas-in "
+          "| step vs batch 1: blas-in / kernel | rows equal alone: blas-out / blas-in / kernel |")
     print("|---|---|---|---|---|---|---|")
-    one = best[(True, batches[0])]
     for b in batches:
-        out_major, in_major = best[(False, b)], best[(True, b)]
-        print(f"| {b} | {out_major * 1e3:.1f} | {in_major * 1e3:.1f} | "
-              f"{out_major / in_major:.2f} | {b / in_major:.1f} | {in_major / one:.2f} | "
-              f"{'yes' if tokens[(False, b)] == tokens[(True, b)] else 'no'} |")
+        cells = [f"{best[(way, b)] * 1e3:.1f}" for way in WAYS]
+        speed_up = best[("blas-in", b)] / best[("kernel", b)]
+        cost = " / ".join(f"{best[(way, b)] / best[(way, 1)]:.2f}" for way in ("blas-in", "kernel"))
+        equal = " / ".join(
+            f"{sum(row == alone[way][i] for i, row in enumerate(tokens[(way, b)]))}/{b}"
+            for way in WAYS)
+        print(f"| {b} | {' | '.join(cells)} | {speed_up:.2f} | {cost} | {equal} |")
     return 0
 
 

@@ -47,6 +47,7 @@ from engine.jobs import (
     Metrics,
     parse_payload,
 )
+from engine.kernels import KERNEL_NAME
 from engine.loading import LoadedModel, PoolKey, Weights
 from engine.metering import BatchLedger, JobShare, Measurement, Meter, MeterWindow
 from engine.pool import ModelPool, release_memory
@@ -384,6 +385,10 @@ class Engine:
         try:
             with self.pool.use(spec, devices, weights=self.weights, dtype=self.dtype) as (
                     loaded, load_seconds):
+                if loaded.linear_kernel == KERNEL_NAME:
+                    from engine.kernels.rowgemm import hand_threads_to_kernel
+
+                    hand_threads_to_kernel()  # this thread is the batch's own
                 if spec.task == "embedding":
                     for item in list(run.items):
                         run.deliver(item, self._run_embedding(loaded, item, load_seconds,
@@ -561,7 +566,7 @@ class Engine:
             device_count=len(loaded.devices), torch_version=_version("torch"),
             transformers_version=_version("transformers"), engine_version=ENGINE_VERSION,
             hash_version=HASH_VERSION, decode=decode, batched=batch_size > 1,
-            batch_size=batch_size)
+            batch_size=batch_size, linear_kernel=loaded.linear_kernel)
         return JobResult(job_id=job.job_id, model=job.model, task=job.task, status="completed",
                          output=output, result_hash=result_hash(job, output, loaded.weights_digest),
                          metrics=metrics, profile=profile)

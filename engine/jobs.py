@@ -139,6 +139,9 @@ class ExecutionProfile(_Strict):
     # The most jobs that decoded in one step with this one (rows join and leave between
     # steps, so this is the peak over the job's life); 1 when it ran alone.
     batch_size: int = 1
+    # How the linear layers were computed: "blas" (torch's BLAS, the GPU's cuBLAS) or
+    # "row-invariant" (the engine's CPU kernel, whose rows never depend on batch mates).
+    linear_kernel: str = "blas"
 
 
 class JobErrorInfo(_Strict):

@@ -378,6 +378,8 @@ class LoadedModel:
     load_time_seconds: float
     memory_bytes: int
     tokenizer_kind: str = "model"
+    # "row-invariant" when the CPU kernel computes the linear layers (engine.kernels), else "blas".
+    linear_kernel: str = "blas"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -497,13 +499,18 @@ def lay_linear_weights_input_major(model: torch.nn.Module) -> int:
     return count
 
 
-def _place(model: Any, devices: Sequence[Device], dtype: torch.dtype) -> Any:
+def _place(model: Any, devices: Sequence[Device], dtype: torch.dtype) -> tuple[Any, str]:
+    """Move the model onto its devices; returns it and the name of its linear-layer kernel."""
     model = model.to(dtype)
     if len(devices) == 1:
         model = model.to(_torch_device(devices[0]))
         if devices[0].kind == "cpu":
+            from engine.kernels.rowgemm import KERNEL_NAME, pack_linear_layers
+
+            if pack_linear_layers(model):
+                return model, KERNEL_NAME
             lay_linear_weights_input_major(model)
-        return model
+        return model, "blas"
     from accelerate import dispatch_model, infer_auto_device_map
 
     max_memory: dict[int | str, int] = {}
@@ -513,7 +520,7 @@ def _place(model: Any, devices: Sequence[Device], dtype: torch.dtype) -> Any:
         max_memory[d.index] = int(free_bytes(d) * 0.9)
     device_map = infer_auto_device_map(model, max_memory=max_memory,
                                        no_split_module_classes=model._no_split_modules)
-    return dispatch_model(model, device_map=device_map)
+    return dispatch_model(model, device_map=device_map), "blas"
 
 
 def _model_bytes(model: Any) -> int:
@@ -546,14 +553,15 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
         else:
             model, tokenizer, digest = _load_pretrained(spec, cache_dir)
             kind = "model"
-        model = _place(model, devices, torch_dtype(dtype_name))
+        model, linear_kernel = _place(model, devices, torch_dtype(dtype_name))
         model.eval()
         if devices[0].kind == "cuda":
             torch.cuda.synchronize(devices[0].index)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, devices=tuple(devices),
                        dtype_name=dtype_name, weights=weights, weights_digest=digest,
                        load_time_seconds=time.perf_counter() - started,
-                       memory_bytes=_model_bytes(model), tokenizer_kind=kind)
+                       memory_bytes=_model_bytes(model), tokenizer_kind=kind,
+                       linear_kernel=linear_kernel)
 
 
 def _import_architecture(spec: ModelSpec) -> None:

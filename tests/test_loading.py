@@ -46,9 +46,16 @@ def test_fake_nvml_v100_gets_fp16_and_a100_gets_bf16(registry: Registry) -> None
 
 
 def test_gpt2_with_random_weights_is_the_real_architecture(registry: Registry) -> None:
+    from engine.kernels.rowgemm import PackedLinear
+
     cpu = discover().cpu
     loaded = load_model(registry.get("gpt2"), [cpu], weights="random")
     params = sum(p.numel() for p in loaded.model.parameters())
+    packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    # On the CPU the linear layers' weights live packed (the head keeps the tied embedding).
+    params += sum(m.in_features * m.out_features + (m.out_features if m.padded_bias is not None
+                                                    else 0)
+                  for m in packed if m.out_features != loaded.model.config.vocab_size)
     assert params == 124_439_808
     assert loaded.model.config.n_layer == 12 and loaded.dtype_name == "float32"
     assert loaded.weights_digest.startswith("sha256:") and loaded.tokenizer_kind == "bytes"

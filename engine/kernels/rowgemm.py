@@ -1,0 +1,333 @@
+"""The CPU row-invariant linear kernel: build, load, check, and the module that calls it.
+
+``rowgemm.c`` multiplies activation rows by a packed weight so that every
+output element is summed in the same order whatever the number of rows (see
+the C file). On the CPU this gives two things at once:
+
+* a decode step of 8 rows costs little more than a step of 1 (the weight is
+  streamed once for all rows, with prefetch), where the BLAS product of a few
+  rows costs 1.5 to 2x a single row, so batched jobs pay off;
+* a job's floats do not depend on its batch mates, so batched and one-at-a-time
+  runs agree token for token by construction, not by luck.
+
+The C source ships with the package and is compiled on first use with the
+system C compiler (``$CC``, else ``cc``/``gcc``) for this CPU (``-march=native``)
+into the engine cache; the library is keyed by source, flags, compiler and CPU,
+so a changed machine builds its own. A missing compiler, a failed build or a
+failed self-check leaves the kernel unavailable with a reason, and the engine
+keeps torch's BLAS. ``AITBC_ENGINE_LINEAR=blas`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.hardware import engine_cache_dir
+from engine.kernels import KERNEL_NAME
+
+SOURCE = Path(__file__).with_name("rowgemm.c")
+PANEL = 32
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-pthread",
+         "-shared", "-fPIC")
+BLAS_NAME = "blas"
+__all__ = ["KERNEL_NAME", "KernelStatus", "PackedLinear", "hand_threads_to_kernel",
+           "kernel_status", "pack_linear_layers"]
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the kernel can be used here, and if not, why (a sentence a person can act on)."""
+
+    available: bool
+    reason: str
+    library: Path | None = None
+
+
+_lock = threading.Lock()
+_loaded: tuple[KernelStatus, Any] | None = None
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            wanted = [line for line in fh if line.split(":")[0].strip() in ("model name", "flags")]
+        return "".join(sorted(set(wanted)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named) or (named if Path(named).is_file() else None)
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        return done.stdout.splitlines()[0] if done.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(compiler: str, cache_dir: Path | None = None) -> Path:
+    """Where the library built by ``compiler`` for this CPU lives in the engine cache."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                 _compiler_version(compiler).encode(), _cpu_identity().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return (cache_dir or engine_cache_dir()) / "kernels" / f"rowgemm-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> str | None:
+    """Compile the source into ``target`` (atomically); returns an error text, or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=target.stem, suffix=".so.part", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-600:] or f"exit status {done.returncode}"
+        os.replace(temporary, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _bind(path: Path) -> Any:
+    library = ctypes.CDLL(str(path))
+    function = library.rowgemm
+    function.restype = None
+    size = ctypes.c_ssize_t
+    function.argtypes = [size, size, size, ctypes.c_void_p, size, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, size, ctypes.c_int]
+    if library.rowgemm_panel_width() != PANEL:
+        raise OSError(f"{path} packs panels of {library.rowgemm_panel_width()} columns, "
+                      f"not {PANEL}")
+    return function
+
+
+def _self_check(function: Any) -> str | None:
+    """Multiply known matrices; returns what went wrong, or None when the kernel is right."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(45, 70, generator=gen)  # 45 columns: one full panel and a ragged one
+    bias = torch.randn(45, generator=gen)
+    x = torch.randn(11, 70, generator=gen)
+    packed, padded_bias = pack_weight(weight), pad_bias(bias)
+    got = _call(function, x, packed, padded_bias, 45)
+    expected = (x.double() @ weight.double().t() + bias.double()).float()
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        return f"the built kernel's product is off by {(got - expected).abs().max().item():.3g}"
+    alone = _call(function, x[3:4].contiguous(), packed, padded_bias, 45)
+    if not torch.equal(alone[0], got[3]):
+        return "the built kernel's rows depend on their neighbours"
+    return None
+
+
+def kernel_status(cache_dir: Path | None = None) -> KernelStatus:
+    """Build (once per process, cached on disk) and check the kernel; says whether it is usable."""
+    return _kernel(cache_dir)[0]
+
+
+def _kernel(cache_dir: Path | None = None) -> tuple[KernelStatus, Any]:
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        _loaded = _load(cache_dir)
+        return _loaded
+
+
+def _load(cache_dir: Path | None) -> tuple[KernelStatus, Any]:
+    if platform.system() not in ("Linux", "Darwin", "FreeBSD"):
+        return KernelStatus(False, f"the kernel is built for POSIX systems, not "
+                                   f"{platform.system()}"), None
+    compiler = _compiler()
+    if compiler is None:
+        return KernelStatus(False, "no C compiler found (set CC, or install gcc) to build the "
+                                   "CPU linear kernel; using torch's BLAS"), None
+    path = library_path(compiler, cache_dir)
+    if not path.exists():
+        error = _build(compiler, path)
+        if error is not None:
+            return KernelStatus(False, f"building the CPU linear kernel with {compiler} "
+                                       f"failed: {error}"), None
+    try:
+        function = _bind(path)
+    except (OSError, AttributeError) as exc:
+        return KernelStatus(False, f"loading the CPU linear kernel {path} failed: {exc}"), None
+    problem = _self_check(function)
+    if problem is not None:
+        return KernelStatus(False, f"{problem}; using torch's BLAS", path), None
+    return KernelStatus(True, f"built with {compiler} for this CPU", path), function
+
+
+def reset_for_tests() -> None:
+    """Forget the loaded kernel, so the next use builds and checks it again."""
+    global _loaded
+    with _lock:
+        _loaded = None
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` weight -> ``[ceil(out/32), in, 32]`` panels, zero-padded (float32)."""
+    out_features, in_features = weight.shape
+    panels = -(-out_features // PANEL)
+    padded = torch.zeros(panels * PANEL, in_features, dtype=torch.float32)
+    padded[:out_features] = weight.detach().to(torch.float32)
+    return padded.reshape(panels, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def pad_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias zero-padded to whole panels, or None."""
+    if bias is None:
+        return None
+    panels = -(-bias.shape[0] // PANEL)
+    padded = torch.zeros(panels * PANEL, dtype=torch.float32)
+    padded[:bias.shape[0]] = bias.detach().to(torch.float32)
+    return padded
+
+
+_thread_state = threading.local()
+
+
+def _openmp() -> Any:
+    """The OpenMP runtime torch runs on (already loaded, so found by its soname), or None."""
+    no_load = getattr(os, "RTLD_NOLOAD", None)
+    if no_load is None:
+        return None
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            return ctypes.CDLL(name, mode=no_load | os.RTLD_LAZY)
+        except OSError:
+            continue
+    return None
+
+
+def hand_threads_to_kernel() -> None:
+    """Let the kernel's workers have this thread's cores while it runs a packed model.
+
+    The kernel splits each product among its own worker threads, which spin
+    between the products of a decode step. torch's OpenMP workers spin between
+    operators too, and on a machine with few cores the two sets starve each
+    other (a decode step gets several times slower). So a thread that runs a
+    packed model calls this once: torch's operators in *this thread only* then
+    run on one thread (they are small beside the linear layers while decoding),
+    and the kernel keeps the thread count torch had. Other threads are untouched.
+    """
+    if getattr(_thread_state, "threads", None) is not None:
+        return
+    _thread_state.threads = torch.get_num_threads()
+    runtime = _openmp()
+    if runtime is not None and _thread_state.threads > 1:
+        runtime.omp_set_num_threads(1)
+
+
+def _threads() -> int:
+    return getattr(_thread_state, "threads", None) or torch.get_num_threads()
+
+
+def _call(function: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+          out_features: int) -> torch.Tensor:
+    rows, in_features = x.shape
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if rows:
+        function(rows, out_features, in_features, x.data_ptr(), in_features, packed.data_ptr(),
+                 None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
+                 _threads())
+    return out
+
+
+class PackedLinear(torch.nn.Module):
+    """A float32 CPU linear layer computed by the row-invariant kernel.
+
+    Holds the weight as panels (``packed``, a buffer) and the bias padded to
+    whole panels; ``forward`` takes ``[..., in_features]`` like ``nn.Linear``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, function: Any) -> None:
+        super().__init__()
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.packed: torch.Tensor
+        self.padded_bias: torch.Tensor | None
+        self.register_buffer("packed", pack_weight(weight))
+        self.register_buffer("padded_bias", pad_bias(bias))
+        self._function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"PackedLinear takes float32 CPU inputs, not {x.dtype} on {x.device}")
+        leading = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = _call(self._function, flat, self.packed, self.padded_bias, self.out_features)
+        return out.reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.padded_bias is not None}")
+
+
+def _as_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [out, in], bias)`` of a Linear or a GPT-2 style Conv1D, else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight, module.bias
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and \
+            isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)):
+        return weight.t(), bias  # Conv1D keeps its weight as [in, out]
+    return None
+
+
+def blas_requested() -> bool:
+    """True when ``AITBC_ENGINE_LINEAR=blas`` asks the engine to keep torch's BLAS on the CPU."""
+    return os.environ.get("AITBC_ENGINE_LINEAR", "").strip().lower() == BLAS_NAME
+
+
+def pack_linear_layers(model: torch.nn.Module, *, respect_setting: bool = True) -> int:
+    """Replace every float32 Linear (and Conv1D) of a CPU model by a `PackedLinear`.
+
+    Returns how many were replaced: 0 when the kernel is unavailable (see
+    `kernel_status`) or, with ``respect_setting``, when `blas_requested`. The
+    original weights are released, except where they are tied to another module
+    (an output head tied to the input embedding keeps the embedding's table and
+    gets its own packed copy).
+    """
+    if respect_setting and blas_requested():
+        return 0
+    status, function = _kernel()
+    if not status.available:
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            found = _as_linear(child)
+            if found is None or found[0].dtype != torch.float32 or found[0].device.type != "cpu":
+                continue
+            weight, bias = found
+            setattr(parent, name, PackedLinear(weight, bias, function))
+            replaced += 1
+    return replaced
