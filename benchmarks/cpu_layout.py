@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from engine import Engine
-from engine.kernels.rowgemm import kernel_status, pack_linear_layers
+from engine.kernels.rowgemm import hand_threads_to_kernel, kernel_status, pack_linear_layers
 from engine.loading import lay_linear_weights_input_major
 from engine.tasks.generation import _cache_argument
 
@@ -99,22 +99,23 @@ def main() -> int:
                 set_layout(blas_model, way == "blas-in")
             return kernel_model if way == "kernel" else blas_model
 
-        def measure() -> None:  # a fresh thread: OpenMP there is not slowed by the caller's state
-            for _ in range(args.rounds):
-                for way in WAYS:
-                    model = model_for(way)
-                    for b in batches:
-                        s, toks = step_seconds(model, prompts[:b], args.steps)
-                        best[(way, b)] = min(best.get((way, b), float("inf")), s)
-                        tokens[(way, b)] = toks
-            for way in WAYS:
-                model = model_for(way)
+        def measure(way: str, with_alone: bool) -> None:
+            model = model_for(way)
+            if way == "kernel":  # as the engine's batch threads do (see hand_threads_to_kernel)
+                hand_threads_to_kernel()
+            for b in batches:
+                s, toks = step_seconds(model, prompts[:b], args.steps)
+                best[(way, b)] = min(best.get((way, b), float("inf")), s)
+                tokens[(way, b)] = toks
+            if with_alone:
                 alone[way] = [step_seconds(model, prompts[i:i + 1], args.steps)[1][0]
                               for i in range(max(batches))]
 
-        worker = threading.Thread(target=measure)
-        worker.start()
-        worker.join()
+        for round_ in range(args.rounds):
+            for way in WAYS:  # each way in a fresh thread, like each engine batch
+                worker = threading.Thread(target=measure, args=(way, round_ == args.rounds - 1))
+                worker.start()
+                worker.join()
     print(f"{args.model}, decode step after {args.context} tokens, best of "
           f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
     print("| batch | blas-out ms | blas-in ms | kernel ms | kernel speed-up over blas-in "

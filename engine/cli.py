@@ -101,10 +101,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from engine.hardware import discover
+    from engine.kernels.rowgemm import blas_requested, kernel_status
 
     info = discover()
+    kernel = kernel_status()
+    in_use = kernel.available and not blas_requested()
     if args.json:
-        print(json.dumps(info.to_dict(), indent=2))
+        doc = info.to_dict()
+        doc["cpu_linear_kernel"] = {"available": kernel.available, "in_use": in_use,
+                                    "reason": kernel.reason}
+        print(json.dumps(doc, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -114,6 +120,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
                   f"transformers {info.transformers_version}")
     console.print(f"NVIDIA driver {info.driver_version or '-'}, CUDA {info.cuda_version or '-'}"
                   + ("" if info.nvml_available else f" (NVML not used: {info.nvml_error})"))
+    console.print("CPU linear layers: " + (
+        f"the row-invariant kernel ({kernel.reason})" if in_use else
+        "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel.available else
+        f"torch's BLAS ({kernel.reason})"))
     table = Table(title="devices")
     for col in ("id", "name", "type", "memory", "free", "compute", "energy counter"):
         table.add_column(col)

@@ -177,3 +177,19 @@ def test_a_compiler_that_fails_leaves_the_kernel_off_with_its_message(
     assert not status.available
     assert "failed" in status.reason and "out of licences" in status.reason
     assert not list((tmp_path / "cache").rglob("*.so*"))  # no half-written library is kept
+
+
+def test_info_says_whether_the_cpu_kernel_computes_linear_layers(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from engine.cli import main
+
+    assert main(["info", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["cpu_linear_kernel"]
+    status = kernel_status()
+    assert shown == {"available": status.available, "in_use": status.available,
+                     "reason": status.reason}
+    monkeypatch.setenv("AITBC_ENGINE_LINEAR", "blas")
+    assert main(["info"]) == 0
+    assert "torch's BLAS" in capsys.readouterr().out
