@@ -502,16 +502,26 @@ def cuda_visible_nvml_indices(uuids: Sequence[str | None], visible: str | None) 
 # --------------------------------------------------------------------------- CPU
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first non-empty ``name`` field of /proc/cpuinfo, or None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
+                if key.strip() == name and value.strip():
                     return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and instruction-set flags: what code built for this CPU depends on."""
+    return f"{_cpu_name()}|{_cpuinfo_field('flags') or platform.machine()}"
 
 
 def _cpu_cores() -> int:

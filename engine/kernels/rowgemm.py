@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from engine.hardware import engine_cache_dir
+from engine.hardware import cpu_identity, engine_cache_dir
 from engine.kernels import KERNEL_NAME
 
 SOURCE = Path(__file__).with_name("rowgemm.c")
@@ -59,15 +59,6 @@ _lock = threading.Lock()
 _loaded: tuple[KernelStatus, Any] | None = None
 
 
-def _cpu_identity() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            wanted = [line for line in fh if line.split(":")[0].strip() in ("model name", "flags")]
-        return "".join(sorted(set(wanted)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
 def _compiler() -> str | None:
     named = os.environ.get("CC")
     if named:
@@ -88,7 +79,7 @@ def library_path(compiler: str, cache_dir: Path | None = None) -> Path:
     """Where the library built by ``compiler`` for this CPU lives in the engine cache."""
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
-                 _compiler_version(compiler).encode(), _cpu_identity().encode()):
+                 _compiler_version(compiler).encode(), cpu_identity().encode()):
         key.update(part)
         key.update(b"\0")
     return (cache_dir or engine_cache_dir()) / "kernels" / f"rowgemm-{key.hexdigest()[:16]}.so"
@@ -191,23 +182,23 @@ def reset_for_tests() -> None:
 # --------------------------------------------------------------------------- packing
 
 
+def _pad_to_panels(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``tensor`` with its first dimension zero-padded to whole panels."""
+    panels = -(-tensor.shape[0] // PANEL)
+    padded = torch.zeros(panels * PANEL, *tensor.shape[1:], dtype=torch.float32)
+    padded[:tensor.shape[0]] = tensor.detach().to(torch.float32)
+    return padded
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` weight -> ``[ceil(out/32), in, 32]`` panels, zero-padded (float32)."""
-    out_features, in_features = weight.shape
-    panels = -(-out_features // PANEL)
-    padded = torch.zeros(panels * PANEL, in_features, dtype=torch.float32)
-    padded[:out_features] = weight.detach().to(torch.float32)
-    return padded.reshape(panels, PANEL, in_features).transpose(1, 2).contiguous()
+    in_features = weight.shape[1]
+    return _pad_to_panels(weight).reshape(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 def pad_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     """The bias zero-padded to whole panels, or None."""
-    if bias is None:
-        return None
-    panels = -(-bias.shape[0] // PANEL)
-    padded = torch.zeros(panels * PANEL, dtype=torch.float32)
-    padded[:bias.shape[0]] = bias.detach().to(torch.float32)
-    return padded
+    return None if bias is None else _pad_to_panels(bias)
 
 
 _thread_state = threading.local()
