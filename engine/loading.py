@@ -46,6 +46,10 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # allocator slack), as a fraction of the weight bytes plus a fixed floor.
 FIT_OVERHEAD_FRACTION = 0.20
 FIT_OVERHEAD_BYTES = 256 * 2**20
+# A GPU's cap on its share of a spread model's weights is raised by this many
+# times the largest layer that cannot be split, so that the layers fill every
+# GPU but the last to its share (accelerate's ``get_balanced_memory`` does the same).
+BLOCK_MARGIN = 1.25
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -55,8 +59,9 @@ def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = N
     """The dtype name a model runs in on ``device`` (DESIGN.md "Devices and precision").
 
     ``override`` (``auto``, ``float32``, ``float16``, ``bfloat16``) replaces the
-    entry's default; ``auto`` on CUDA is bf16 from compute capability 8.0, fp16
-    below; on CPU, ``auto`` is the entry's CPU dtype.
+    entry's default; ``auto`` on CUDA is bf16 from compute capability 8.0; below
+    it, fp32 for a model trained in bf16 (its activations can pass fp16's range)
+    and fp16 for the others. On CPU, ``auto`` is the entry's CPU dtype.
     """
     wanted = override or (spec.dtype.cuda if device.kind == "cuda" else spec.dtype.cpu)
     if wanted not in ("auto", *DTYPE_BYTES):
@@ -66,7 +71,9 @@ def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = N
         return spec.dtype.cpu if wanted == "auto" else wanted
     cc = device.compute_capability or (0, 0)
     if wanted == "auto":
-        return "bfloat16" if supports_bf16(cc) else "float16"
+        if supports_bf16(cc):
+            return "bfloat16"
+        return "float32" if spec.trained_dtype == "bfloat16" else "float16"
     if wanted == "bfloat16" and not supports_bf16(cc):
         raise DeviceError(f"{device.id} ({device.name}, compute capability {cc[0]}.{cc[1]}) has "
                           "no bfloat16; use float16 or auto", field="dtype")
@@ -294,9 +301,48 @@ def free_bytes(device: Device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def gpu_share_bytes(weight_bytes: int, gpu_count: int) -> int:
+    """One GPU's even share of ``weight_bytes`` spread over ``gpu_count`` GPUs (rounded up)."""
+    return -(-weight_bytes // max(1, gpu_count))
+
+
+def reserve_bytes_for(share_bytes: int) -> int:
+    """Memory a GPU keeps free beside ``share_bytes`` of weights: KV cache, activations, slack."""
+    return int(share_bytes * FIT_OVERHEAD_FRACTION) + FIT_OVERHEAD_BYTES
+
+
+def balanced_max_memory(weight_bytes: int, devices: Sequence[Device], free: Sequence[int], *,
+                        reserve_bytes: int, block_bytes: int = 0) -> dict[int, int]:
+    """accelerate's ``max_memory`` (CUDA index → bytes) that spreads a model evenly over GPUs.
+
+    Every GPU but the last may take an even share of the weights plus
+    ``BLOCK_MARGIN`` times ``block_bytes`` (the largest block that cannot be
+    split); the last takes what is left, as in accelerate's
+    ``get_balanced_memory``. No GPU is given more than its free memory (from
+    ``free``) less ``reserve_bytes``, which stays free for the KV cache and
+    activations.
+    """
+    if len(free) != len(devices):
+        raise ValueError(f"{len(devices)} devices but {len(free)} free-memory figures")
+    cap = gpu_share_bytes(weight_bytes, len(devices)) + int(BLOCK_MARGIN * block_bytes)
+    out: dict[int, int] = {}
+    for position, (device, have) in enumerate(zip(devices, free, strict=True)):
+        if device.kind != "cuda" or device.index is None:
+            raise DeviceError("a model spread over several devices needs CUDA GPUs only")
+        ceiling = max(0, int(have) - reserve_bytes)
+        out[device.index] = ceiling if position == len(devices) - 1 else min(cap, ceiling)
+    return out
+
+
 def check_fits(spec: ModelSpec, devices: Sequence[Device], dtype_name: str,
                *, free: Sequence[int] | None = None) -> int:
-    """Refuse with :class:`InsufficientMemoryError` unless the model fits; returns bytes needed."""
+    """Refuse with :class:`InsufficientMemoryError` unless the model fits; returns bytes needed.
+
+    On one device, the weights in ``dtype_name`` plus working memory must fit its
+    free memory. Spread over several GPUs, each GPU must have free its even share
+    of the weights plus a reserve (:func:`reserve_bytes_for`); the error names
+    every GPU that is short, however much the others have free.
+    """
     need = estimate_bytes(spec, dtype_name)
     have = list(free) if free is not None else [free_bytes(d) for d in devices]
     names = ", ".join(f"{d.id} ({d.name})" for d in devices)
@@ -307,11 +353,24 @@ def check_fits(spec: ModelSpec, devices: Sequence[Device], dtype_name: str,
             raise InsufficientMemoryError(
                 f"model {spec.name!r} needs GPUs with at least {spec.min_gpu_memory_mb} MB in "
                 f"all; {names} have {total_mb} MB", field="model")
+    if len(devices) > 1:
+        share = gpu_share_bytes(spec.parameters * DTYPE_BYTES[dtype_name], len(devices))
+        reserve = reserve_bytes_for(share)
+        short = [f"{d.id} ({d.name}) has {h / gib:.2f} GiB free"
+                 for d, h in zip(devices, have, strict=True) if h < share + reserve]
+        if short:
+            raise InsufficientMemoryError(
+                f"model {spec.name!r} spread over {len(devices)} GPUs needs about "
+                f"{(share + reserve) / gib:.2f} GiB free on each in {dtype_name} "
+                f"({share / gib:.2f} GiB of weights plus {reserve / gib:.2f} GiB for the KV "
+                f"cache and activations), but {'; '.join(short)}. Evict warm models there, "
+                "pick other GPUs, or a smaller dtype.", field="model")
+        return (share + reserve) * len(devices)
     if sum(have) < need:
         raise InsufficientMemoryError(
             f"model {spec.name!r} needs about {need / gib:.2f} GiB in {dtype_name} "
             f"({spec.parameters / 1e6:.1f}M parameters plus working memory) but {names} "
-            f"{'has' if len(devices) == 1 else 'have'} {sum(have) / gib:.2f} GiB free. "
+            f"has {sum(have) / gib:.2f} GiB free. "
             "Evict warm models, pick a device with more free memory, or a smaller dtype.",
             field="model")
     return need
@@ -381,6 +440,18 @@ class LoadedModel:
     # "row-invariant" when the CPU kernel computes the linear layers (engine.kernels), else "blas".
     linear_kernel: str = "blas"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The fast path's decoders by cache length (engine.tasks.static_decode), built by the
+    # runner of the model's device; dropped with the model.
+    fast_paths: dict[int, Any] = field(default_factory=dict, repr=False)
+    # Why the fast path is off for this model (None while it is on).
+    fast_path_error: str | None = None
+
+    def release(self) -> None:
+        """Drop the model and everything built on it (captured graphs, static caches)."""
+        for decoder in self.fast_paths.values():
+            decoder.release()
+        self.fast_paths.clear()
+        self.model = None
 
     @property
     def key(self) -> PoolKey:
@@ -512,14 +583,31 @@ def _place(model: Any, devices: Sequence[Device], dtype: torch.dtype) -> tuple[A
             lay_linear_weights_input_major(model)
         return model, "blas"
     from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_max_layer_size
 
-    max_memory: dict[int | str, int] = {}
-    for d in devices:
-        if d.kind != "cuda" or d.index is None:
-            raise DeviceError("a model spread over several devices needs CUDA GPUs only")
-        max_memory[d.index] = int(free_bytes(d) * 0.9)
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    sizes = compute_module_sizes(model)
+    weight_bytes = int(sizes[""])
+    blocks = [sizes[name] for name, module in model.named_modules()
+              if name and type(module).__name__ in no_split]
+    block_bytes = int(max(blocks) if blocks else get_max_layer_size(
+        list(model.named_children()), sizes, no_split)[0])
+    share = gpu_share_bytes(weight_bytes, len(devices))
+    balanced = balanced_max_memory(weight_bytes, devices, [free_bytes(d) for d in devices],
+                                   reserve_bytes=reserve_bytes_for(share),
+                                   block_bytes=block_bytes)
+    max_memory: dict[int | str, int] = {index: cap for index, cap in balanced.items()}
     device_map = infer_auto_device_map(model, max_memory=max_memory,
-                                       no_split_module_classes=model._no_split_modules)
+                                       no_split_module_classes=no_split)
+    elsewhere = sorted({str(v) for v in device_map.values() if v not in max_memory})
+    if elsewhere:
+        gib = 2**30
+        raise InsufficientMemoryError(
+            f"{weight_bytes / gib:.2f} GiB of weights do not fit on "
+            f"{', '.join(d.id for d in devices)} with each keeping "
+            f"{reserve_bytes_for(share) / gib:.2f} GiB for the KV cache and activations (they "
+            f"would spill to {', '.join(elsewhere)}); free memory on those GPUs, or use more "
+            "of them.", field="model")
     return dispatch_model(model, device_map=device_map), "blas"
 
 

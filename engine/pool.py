@@ -202,7 +202,7 @@ class ModelPool:
         if entry is None:
             return
         devices = entry.loaded.devices
-        entry.loaded.model = None
+        entry.loaded.release()
         del entry
         release_memory(devices)
         log.info("evicted %s", key)

@@ -21,6 +21,7 @@ REGISTRY_ENV = "AITBC_ENGINE_REGISTRY"
 Task = Literal["text-generation", "embedding"]
 WeightFormat = Literal["safetensors", "gguf"]
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+TrainedDtype = Literal["float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
@@ -96,7 +97,13 @@ class DtypePolicy(_Strict):
 
 
 class ModelSpec(_Strict):
-    """One validated registry entry."""
+    """One validated registry entry.
+
+    ``trained_dtype`` is the precision the model was trained in, when known.
+    It steers ``dtype: auto`` on GPUs without bf16 (compute capability below
+    8.0): a ``bfloat16``-trained model runs in float32 there, since its
+    activations can pass fp16's range (65504); other models run in float16.
+    """
 
     name: str
     description: str = ""
@@ -105,6 +112,7 @@ class ModelSpec(_Strict):
     parameters: Annotated[int, Field(gt=0)]
     context_length: Annotated[int, Field(gt=0)]
     dtype: DtypePolicy = DtypePolicy()
+    trained_dtype: TrainedDtype | None = None
     min_gpu_memory_mb: Annotated[int, Field(ge=0)]
     gpu_count: Annotated[int, Field(ge=1, le=64)] = 1
     source: Source

