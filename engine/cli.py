@@ -125,15 +125,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel.available else
         f"torch's BLAS ({kernel.reason})"))
     table = Table(title="devices")
-    for col in ("id", "name", "type", "memory", "free", "compute", "energy counter"):
+    for col in ("id", "name", "type", "memory", "free", "compute", "energy counter", "usable"):
         table.add_column(col)
     for d in info.devices:
         cc = f"{d.compute_capability[0]}.{d.compute_capability[1]}" if d.compute_capability \
             else (f"{d.cores} cores" if d.cores else "-")
         table.add_row(d.id, d.name, d.gpu_type or "cpu", f"{d.memory_total_bytes / 2**30:.1f} GiB",
                       f"{d.memory_free_bytes / 2**30:.1f} GiB", cc,
-                      "yes" if d.energy_supported else "no")
+                      "yes" if d.energy_supported else "no", "yes" if d.usable else "no",
+                      style=None if d.usable else "dim")
     console.print(table)
+    for d in info.unusable_gpus:
+        console.print(f"not used: {d.id} {d.name}: {d.unusable_reason}", markup=False,
+                      highlight=False, soft_wrap=True)
+    if info.cpu_fallback_reason:
+        console.print(f"running on the CPU: {info.cpu_fallback_reason}", markup=False,
+                      highlight=False, soft_wrap=True)
     return 0
 
 

@@ -39,9 +39,10 @@ def register(subparsers: Any) -> None:
                    help="miner id (aitbc: chosen by you, default miner-<hostname>; doc: issued "
                         "at registration)")
     p.add_argument("--max-concurrent", type=int, default=1, help="jobs run at once")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="decode up to N running jobs of one model as one batch (profile records "
-                        "it; useful with --max-concurrent >= N)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="decode up to N running jobs of one model as one batch (default: 8 on "
+                        "the CPU, 32 on GPUs; 1 turns batching off; it matters with "
+                        "--max-concurrent > 1, which lets the agent take several jobs at once)")
     p.add_argument("--price-per-hour", type=float, default=0.0, help="price offered per hour")
     p.add_argument("--location", default=None, help="region/location announced")
     p.add_argument("--once", action="store_true", help="take at most one job, then exit")
@@ -89,8 +90,8 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     coordinator = connect(args.dialect, args.coordinator, api_key=api_key, miner_id=miner_id,
                           outbox=outbox, read_timeout=args.read_timeout)
     engine = build_engine(args, max_concurrent=args.max_concurrent, job_timeout=args.timeout,
-                          batch_size=max(1, args.batch_size),
-                          batch_window_seconds=0.05 if args.batch_size > 1 else 0.0)
+                          batch_size=max(1, args.batch_size) if args.batch_size else None,
+                          batch_window_seconds=0.05 if args.batch_size != 1 else 0.0)
     weights_here = (lambda spec: True) if engine.weights == "random" \
         else (lambda spec: availability(spec).available)
     caps = detect_capabilities(engine.hardware, engine.registry, devices=engine.devices,

@@ -54,8 +54,9 @@ def register(subparsers: Any) -> None:
                    help=f"finished jobs kept for GET /v1/jobs/ID (default {DEFAULT_HISTORY})")
     p.add_argument("--max-concurrent", type=int, default=1,
                    help="jobs at once per device (default 1)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="queued generation jobs of one model decoded as one batch (default 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="generation jobs of one model decoded as one batch (default: 8 on the "
+                        "CPU, 32 on GPUs; 1 turns batching off)")
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds to wait to fill a batch (default 0)")
     p.add_argument("--job-timeout", type=float, default=None, help="job time limit in seconds")
@@ -79,7 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--history", args.history, 0),
                              ("--max-concurrent", args.max_concurrent, 1),
-                             ("--batch-size", args.batch_size, 1)):
+                             ("--batch-size", args.batch_size or 1, 1)):
         if value < low:
             raise EngineError(f"{name} must be at least {low}, got {value}", code="usage")
     state_dir = args.state_dir or default_state_dir()

@@ -104,3 +104,9 @@ class ExecutionError(EngineError):
     """Any other failure while running a job."""
 
     code = "execution_error"
+
+
+class NumericalOverflowError(EngineError):
+    """A model's logits became NaN or infinite: the dtype could not hold its activations."""
+
+    code = "numerical_overflow"

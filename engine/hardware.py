@@ -12,16 +12,29 @@ fake injected with :func:`set_nvml_module`, and :class:`Nvml` wraps it so that e
 NVML failure becomes ``None`` (or a recorded error) instead of an exception. Without
 NVML (no driver, no library) discovery reports the CPU alone and says why.
 
-Device numbering. NVML enumerates GPUs in PCI bus order; CUDA does so only when
-``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (its own default is "fastest first"). The engine
-assumes PCI order: :func:`discover` sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` when it is
-unset (:func:`ensure_pci_bus_order`; it takes effect only if CUDA is not initialised
-yet, so faces should call it early). ``CUDA_VISIBLE_DEVICES`` is honoured the way CUDA
-reads it: a list of NVML indices (``"2,0"`` makes ``cuda:0`` NVML GPU 2 and ``cuda:1``
-NVML GPU 0) or of UUIDs / UUID prefixes (``"GPU-8f3c..."``), read up to the first
-entry that names no GPU; an empty value hides every GPU. :attr:`Device.index` is the
-CUDA index (what ``torch`` calls ``cuda:N``), :attr:`Device.nvml_index` the NVML index
-to pass to :class:`Nvml`.
+Device numbering. NVML and CUDA may number the same GPUs differently (NVML in PCI bus
+order, CUDA "fastest first" unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which only counts
+before CUDA initialises), so no index is trusted across the two: each GPU NVML lists is
+matched to the CUDA device torch reports with the same UUID (compared as lower-case hex,
+without the ``GPU-``/``MIG-`` prefix). :attr:`Device.index` is torch's index (``cuda:N``),
+:attr:`Device.nvml_index` the NVML index to pass to :class:`Nvml`. ``CUDA_VISIBLE_DEVICES``
+still decides which NVML GPUs are listed, read the way CUDA reads it: NVML indices, or
+UUID prefixes of GPUs (``"GPU-8f3c..."``) or MIG instances (``"MIG-..."``), up to the
+first entry that names nothing; an empty value hides every GPU.
+
+What torch can drive. torch is reached through a second seam: :func:`torch_cuda_view`
+returns a :class:`TorchCudaView` from the real probe (:func:`probe_torch_cuda`, which
+imports torch lazily and initialises CUDA) or from a fake injected with
+:func:`set_torch_cuda_probe`. A GPU that NVML lists but torch cannot drive (a CPU build of
+torch, no device with its UUID, or no kernels for its architecture: PyTorch's CUDA 12.8+
+wheels dropped sm_70, the CUDA 12.6 wheels keep it) stays in :attr:`HardwareInfo.devices`
+with ``usable=False`` and the reason, and is left out of :attr:`HardwareInfo.gpus`; with
+no usable GPU, :attr:`HardwareInfo.cpu_fallback_reason` says why the CPU is used.
+
+MIG. A GPU in MIG mode is replaced by its MIG instances, each a device of its own (its
+own UUID and memory, ``mig=True``, no energy counter: NVML's is board-wide), matched to
+torch by UUID like any GPU. The GPU itself is listed (unusable) only when it has no MIG
+instance configured.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import platform
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -50,6 +64,10 @@ __all__ = [
     "GpuSpec",
     "HardwareInfo",
     "Nvml",
+    "TorchCudaDevice",
+    "TorchCudaProbe",
+    "TorchCudaView",
+    "arch_supported",
     "cpu_memory_bandwidth_gbps",
     "cuda_visible_nvml_indices",
     "discover",
@@ -60,8 +78,12 @@ __all__ = [
     "measure_cpu_memory_bandwidth_gbps",
     "memory_bandwidth_gbps",
     "nvml_module",
+    "probe_torch_cuda",
     "set_nvml_module",
+    "set_torch_cuda_probe",
     "supports_bf16",
+    "torch_cuda_view",
+    "uuid_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,20 +219,32 @@ def gpu_type_from_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Device:
-    """One device the engine can run on: a CUDA GPU or the host CPU."""
+    """One device: a CUDA GPU (or MIG instance) or the host CPU.
 
-    id: str  # "cpu" or "cuda:0"
+    GPUs that torch cannot drive are still described, with ``usable=False``, the reason,
+    an ``id`` of the form ``"nvml:N"`` (``"nvml:N:mig:M"`` for a MIG instance) and no
+    CUDA index; :attr:`HardwareInfo.gpus` leaves them out.
+    """
+
+    id: str  # "cpu", "cuda:0", or "nvml:1" / "nvml:1:mig:0" for a GPU torch cannot drive
     kind: Literal["cpu", "cuda"]
-    index: int | None  # CUDA index, None for the CPU
-    name: str  # NVML product name, or CPU model name
+    index: int | None  # CUDA index as torch numbers it; None for the CPU and unusable GPUs
+    name: str  # NVML product name (MIG: "<GPU> MIG <profile>"), or CPU model name
     gpu_type: str | None  # short family for GPUs, None for the CPU
     memory_total_bytes: int
     memory_free_bytes: int
     compute_capability: tuple[int, int] | None
-    energy_supported: bool  # NVML total-energy counter readable (Volta and newer)
-    uuid: str | None = None
+    energy_supported: bool  # NVML total-energy counter readable (Volta and newer; not MIG)
+    uuid: str | None = None  # NVML UUID: "GPU-..." or, for a MIG instance, "MIG-..."
     cores: int | None = None  # CPU logical cores (CPU device only)
-    nvml_index: int | None = None  # NVML index (differs from `index` under CUDA_VISIBLE_DEVICES)
+    # NVML index of the GPU (of the parent GPU for a MIG instance: pass it with
+    # `mig_index` to Nvml.mig_handle, not to the index-based readings).
+    nvml_index: int | None = None
+    usable: bool = True  # False: listed for information, never run on
+    unusable_reason: str | None = None  # why torch cannot drive it (None when usable)
+    mig: bool = False  # a MIG instance of the GPU `parent_uuid`
+    parent_uuid: str | None = None  # MIG instance: its GPU's UUID
+    mig_index: int | None = None  # MIG instance: its NVML MIG device index on the parent
 
     @property
     def supports_bf16(self) -> bool:
@@ -227,7 +261,11 @@ class Device:
 
 @dataclass(frozen=True)
 class HardwareInfo:
-    """Everything :func:`discover` found: devices (GPUs first, the CPU last) and versions."""
+    """Everything :func:`discover` found: devices and versions.
+
+    ``devices`` holds the usable GPUs (in CUDA index order), then the GPUs torch cannot
+    drive (NVML order), then the CPU.
+    """
 
     devices: tuple[Device, ...]
     driver_version: str | None
@@ -240,11 +278,18 @@ class HardwareInfo:
     python_version: str
     torch_version: str | None
     transformers_version: str | None
+    # Set when NVML sees at least one GPU but none is usable: why the CPU is used instead.
+    cpu_fallback_reason: str | None = None
 
     @property
     def gpus(self) -> tuple[Device, ...]:
-        """The CUDA devices, in CUDA index order."""
-        return tuple(d for d in self.devices if d.kind == "cuda")
+        """The usable CUDA devices, in CUDA index order."""
+        return tuple(d for d in self.devices if d.kind == "cuda" and d.usable)
+
+    @property
+    def unusable_gpus(self) -> tuple[Device, ...]:
+        """GPUs NVML lists but torch cannot drive, each with its ``unusable_reason``."""
+        return tuple(d for d in self.devices if d.kind == "cuda" and not d.usable)
 
     @property
     def cpu(self) -> Device:
@@ -255,28 +300,47 @@ class HardwareInfo:
         raise DeviceError("no cpu device was discovered", field="device")  # pragma: no cover
 
     def device(self, device_id: str) -> Device:
-        """The device named ``"cpu"``, ``"cuda"`` (the first GPU), ``"cuda:N"`` or ``"gpu:N"``.
+        """The device named ``"cpu"``, ``"cuda"`` (the first usable GPU), ``"cuda:N"``, ``"gpu:N"``.
 
-        Raises :class:`DeviceError` naming the devices that exist when there is no such one.
+        ``"nvml:N"`` (``"nvml:N:mig:M"``) names a GPU by its NVML index. Raises
+        :class:`DeviceError` naming the devices that exist when there is no such usable
+        one, and why the GPUs torch cannot drive are not used.
         """
         key = device_id.strip().lower()
-        match = re.fullmatch(r"(cuda|gpu)(?::([0-9]+))?", key)
         if key == "cpu":
             return self.cpu
+        match = re.fullmatch(r"(cuda|gpu)(?::([0-9]+))?", key)
         if match is not None:
-            index = int(match.group(2)) if match.group(2) is not None else 0
             for d in self.gpus:
-                if d.index == index:
+                if match.group(2) is None or d.index == int(match.group(2)):
                     return d
-        existing = ", ".join(d.id for d in self.devices)
-        raise DeviceError(
-            f"no device {device_id!r} on this machine; available: {existing}", field="device"
-        )
+        wants_gpu = match is not None or key.startswith("nvml:")
+        for d in self.devices:
+            if d.kind == "cuda" and key == _nvml_id(d):
+                if d.usable:
+                    return d
+                raise DeviceError(
+                    f"{d.name} ({d.id}) cannot be used: {d.unusable_reason}", field="device"
+                )
+        existing = ", ".join(d.id for d in self.devices if d.usable)
+        message = f"no device {device_id!r} on this machine; available: {existing}"
+        if wants_gpu and self.cpu_fallback_reason:
+            message += f"; no GPU is usable: {self.cpu_fallback_reason}"
+        elif wants_gpu and self.unusable_gpus:
+            message += "; not usable: " + "; ".join(
+                f"{d.id} ({d.name}): {d.unusable_reason}" for d in self.unusable_gpus
+            )
+        raise DeviceError(message, field="device")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (``aitbc-engine info --json``)."""
         return {
             "devices": [d.to_dict() for d in self.devices],
+            "unusable_gpus": [
+                {"id": d.id, "name": d.name, "uuid": d.uuid, "reason": d.unusable_reason}
+                for d in self.unusable_gpus
+            ],
+            "cpu_fallback_reason": self.cpu_fallback_reason,
             "driver_version": self.driver_version,
             "cuda_version": self.cuda_version,
             "nvml_available": self.nvml_available,
@@ -288,6 +352,15 @@ class HardwareInfo:
             "torch_version": self.torch_version,
             "transformers_version": self.transformers_version,
         }
+
+
+def _nvml_id(device: Device) -> str | None:
+    """``"nvml:N"`` (``"nvml:N:mig:M"``) for a GPU, whatever its ``id``; None for the CPU."""
+    if device.nvml_index is None:
+        return None
+    if device.mig_index is not None:
+        return f"nvml:{device.nvml_index}:mig:{device.mig_index}"
+    return f"nvml:{device.nvml_index}"
 
 
 # --------------------------------------------------------------------------- NVML seam
@@ -394,30 +467,79 @@ class Nvml:
         count = self._call("nvmlDeviceGetCount")
         return int(count) if count is not None else 0
 
-    def name(self, index: int) -> str | None:
-        """Product name, e.g. ``"NVIDIA A100-SXM4-80GB"``."""
-        value = self._device_call("nvmlDeviceGetName", index)
+    # Readings by handle: a GPU's (from :meth:`handle`) or a MIG instance's
+    # (from :meth:`mig_handles`). A None handle reads as None.
+
+    def name_of(self, handle: Any | None) -> str | None:
+        """Product name of a handle (a MIG handle gives e.g. ``"... MIG 1g.10gb"``)."""
+        value = None if handle is None else self._call("nvmlDeviceGetName", handle)
         return None if value is None else _text(value)
 
-    def uuid(self, index: int) -> str | None:
-        """GPU UUID, e.g. ``"GPU-8f3c..."``."""
-        value = self._device_call("nvmlDeviceGetUUID", index)
+    def uuid_of(self, handle: Any | None) -> str | None:
+        """UUID of a handle: ``"GPU-..."``, or ``"MIG-..."`` for a MIG instance."""
+        value = None if handle is None else self._call("nvmlDeviceGetUUID", handle)
         return None if value is None else _text(value)
 
-    def memory_info(self, index: int) -> tuple[int, int] | None:
-        """(total, free) device memory in bytes."""
-        info = self._device_call("nvmlDeviceGetMemoryInfo", index)
+    def memory_info_of(self, handle: Any | None) -> tuple[int, int] | None:
+        """(total, free) memory in bytes of a handle (a MIG instance's own share)."""
+        info = None if handle is None else self._call("nvmlDeviceGetMemoryInfo", handle)
         if info is None:
             return None
         return int(info.total), int(info.free)
 
-    def compute_capability(self, index: int) -> tuple[int, int] | None:
-        """CUDA compute capability (major, minor)."""
-        value = self._device_call("nvmlDeviceGetCudaComputeCapability", index)
+    def compute_capability_of(self, handle: Any | None) -> tuple[int, int] | None:
+        """CUDA compute capability (major, minor) of a handle."""
+        value = None if handle is None else self._call("nvmlDeviceGetCudaComputeCapability", handle)
         if value is None:
             return None
         major, minor = value
         return int(major), int(minor)
+
+    # Readings by NVML index.
+
+    def name(self, index: int) -> str | None:
+        """Product name, e.g. ``"NVIDIA A100-SXM4-80GB"``."""
+        return self.name_of(self.handle(index))
+
+    def uuid(self, index: int) -> str | None:
+        """GPU UUID, e.g. ``"GPU-8f3c..."``."""
+        return self.uuid_of(self.handle(index))
+
+    def memory_info(self, index: int) -> tuple[int, int] | None:
+        """(total, free) device memory in bytes."""
+        return self.memory_info_of(self.handle(index))
+
+    def compute_capability(self, index: int) -> tuple[int, int] | None:
+        """CUDA compute capability (major, minor)."""
+        return self.compute_capability_of(self.handle(index))
+
+    def mig_enabled(self, index: int) -> bool:
+        """Whether GPU ``index`` is in MIG mode now (False when unsupported or unknown)."""
+        mode = self._device_call("nvmlDeviceGetMigMode", index)
+        if mode is None:
+            return False
+        try:
+            current = int(mode[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        return current == int(getattr(self._module, "NVML_DEVICE_MIG_ENABLE", 1))
+
+    def mig_handles(self, index: int) -> list[tuple[int, Any]]:
+        """``(mig_index, handle)`` of each MIG instance of GPU ``index``; empty slots skipped."""
+        parent = self.handle(index)
+        if parent is None:
+            return []
+        count = self._call("nvmlDeviceGetMaxMigDeviceCount", parent)
+        found: list[tuple[int, Any]] = []
+        for mig_index in range(int(count or 0)):
+            handle = self.mig_handle(index, mig_index)
+            if handle is not None:
+                found.append((mig_index, handle))
+        return found
+
+    def mig_handle(self, index: int, mig_index: int) -> Any | None:
+        """The handle of MIG instance ``mig_index`` of GPU ``index``, or None."""
+        return self._device_call("nvmlDeviceGetMigDeviceHandleByIndex", index, mig_index)
 
     def energy_millijoules(self, index: int) -> int | None:
         """Total energy counter in millijoules since the driver loaded; None if unreadable."""
@@ -453,6 +575,205 @@ class Nvml:
             log.debug("nvmlShutdown failed: %s", exc)
 
 
+# --------------------------------------------------------------------------- torch seam
+
+
+@dataclass(frozen=True)
+class TorchCudaDevice:
+    """One CUDA device as torch numbers and describes it."""
+
+    index: int  # torch's CUDA index: cuda:N
+    uuid: str | None  # as torch gives it (bare hex, no "GPU-"/"MIG-" prefix)
+    name: str
+    capability: tuple[int, int]
+    total_memory: int  # bytes
+
+
+@dataclass(frozen=True)
+class TorchCudaView:
+    """What the installed torch can drive: whether CUDA works, its kernels, its devices."""
+
+    available: bool
+    reason: str | None  # why not, when ``available`` is False
+    torch_version: str | None  # "2.13.0+cu128"; None when torch is not importable
+    cuda_version: str | None  # torch.version.cuda ("12.8"); None for a CPU (or ROCm) build
+    arch_list: tuple[str, ...] = ()  # torch.cuda.get_arch_list(): "sm_80", "compute_90"...
+    devices: tuple[TorchCudaDevice, ...] = ()
+
+    @property
+    def cpu_build(self) -> bool:
+        """True when torch is installed but built without CUDA (a CPU or ROCm wheel)."""
+        return self.torch_version is not None and self.cuda_version is None
+
+
+TorchCudaProbe = Callable[[], TorchCudaView]
+
+_torch_probe_override: TorchCudaProbe | None = None
+_torch_view_lock = threading.Lock()
+_real_torch_view: TorchCudaView | None = None
+
+
+def set_torch_cuda_probe(probe: TorchCudaProbe | None) -> None:
+    """Use ``probe`` (e.g. a fake returning a :class:`TorchCudaView`); None restores torch."""
+    global _torch_probe_override
+    _torch_probe_override = probe
+    _clear_discovery_cache()
+
+
+def torch_cuda_view() -> TorchCudaView:
+    """What torch can drive: the injected probe's answer, else the real probe's (kept).
+
+    The real answer is computed once per process: CUDA's devices do not change once it
+    has initialised.
+    """
+    global _real_torch_view
+    probe = _torch_probe_override
+    if probe is not None:
+        return probe()
+    with _torch_view_lock:
+        if _real_torch_view is None:
+            _real_torch_view = probe_torch_cuda()
+        return _real_torch_view
+
+
+def probe_torch_cuda() -> TorchCudaView:
+    """Ask the installed torch what it can drive (imports torch, initialises CUDA).
+
+    Never raises: a missing or broken torch, a CPU build or a CUDA that fails to start
+    gives ``available=False`` and the reason.
+    """
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install failing on import
+        return TorchCudaView(False, f"torch cannot be imported ({exc})", None, None)
+    version = str(torch.__version__)
+    cuda_version = getattr(torch.version, "cuda", None)
+    if cuda_version is None:
+        if getattr(torch.version, "hip", None):
+            reason = f"torch {version} is a ROCm build, not a CUDA one"
+        else:
+            reason = f"torch {version} is a CPU build (torch.version.cuda is None)"
+        return TorchCudaView(False, reason, version, None)
+    cuda_version = str(cuda_version)
+    try:
+        arch_list = tuple(str(a) for a in torch.cuda.get_arch_list())
+    except Exception as exc:  # pragma: no cover - depends on the build
+        log.debug("torch.cuda.get_arch_list() failed: %s", exc)
+        arch_list = ()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            available = bool(torch.cuda.is_available())
+            failure = None
+        except Exception as exc:
+            available, failure = False, str(exc)
+    if not available:
+        said = failure or "; ".join(str(w.message).strip() for w in caught)
+        reason = "torch.cuda.is_available() is False: " + (
+            said or f"torch {version} (CUDA {cuda_version}) finds no CUDA device it can use"
+        )
+        return TorchCudaView(False, reason, version, cuda_version, arch_list)
+    devices: list[TorchCudaDevice] = []
+    try:
+        count = int(torch.cuda.device_count())
+    except Exception as exc:
+        reason = f"torch.cuda.device_count() failed: {exc}"
+        return TorchCudaView(False, reason, version, cuda_version, arch_list)
+    for index in range(count):
+        try:
+            props = torch.cuda.get_device_properties(index)
+        except Exception as exc:  # one broken device must not hide the others
+            log.debug("torch.cuda.get_device_properties(%d) failed: %s", index, exc)
+            continue
+        raw_uuid = getattr(props, "uuid", None)
+        devices.append(
+            TorchCudaDevice(
+                index=index,
+                uuid=None if raw_uuid is None else str(raw_uuid),
+                name=str(props.name),
+                capability=(int(props.major), int(props.minor)),
+                total_memory=int(props.total_memory),
+            )
+        )
+    return TorchCudaView(True, None, version, cuda_version, arch_list, tuple(devices))
+
+
+def uuid_key(uuid: object) -> str:
+    """A GPU or MIG UUID in comparable form: lower-case hex, no ``GPU-``/``MIG-`` prefix.
+
+    NVML's ``"GPU-8F3C0A1B-..."`` and torch's ``8f3c0a1b-...`` give the same key.
+    """
+    text = str(uuid).strip().lower()
+    text = text.removeprefix("mig-").removeprefix("gpu-")
+    return text.replace("-", "")
+
+
+_ARCH = re.compile(r"(sm|compute)_(\d+)([af]?)")
+
+
+def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether a torch built for ``arch_list`` has kernels a GPU of ``capability`` runs.
+
+    ``sm_XY`` machine code runs on X.Y and later minors of major X (``sm_XYa``: on X.Y
+    only); ``compute_XY`` PTX is compiled by the driver for any capability ≥ X.Y. An
+    empty list (torch does not say) counts as supported.
+    """
+    if not arch_list:
+        return True
+    major, minor = capability
+    for arch in arch_list:
+        match = _ARCH.fullmatch(arch.strip().lower())
+        if match is None:
+            continue
+        kind, number, suffix = match.group(1), int(match.group(2)), match.group(3)
+        code = (number // 10, number % 10)
+        if suffix == "a":
+            if code == (major, minor):
+                return True
+        elif kind == "sm":
+            if code[0] == major and code[1] <= minor:
+                return True
+        elif code <= (major, minor):
+            return True
+    return False
+
+
+def _legacy_sm(capability: tuple[int, int] | None) -> str | None:
+    """The ``sm_XY`` that PyTorch's CUDA 12.6 x86 wheels carry and the 12.8+ ones dropped.
+
+    Maxwell (5.0, 5.2), Pascal (6.0, 6.1) and Volta (7.0); None for any other capability.
+    """
+    if capability is None:
+        return None
+    if capability in ((5, 0), (5, 2)):
+        return "sm_50"
+    if capability in ((6, 0), (6, 1)):
+        return "sm_60"
+    if capability == (7, 0):
+        return "sm_70"
+    return None
+
+
+_CU126_INDEX = "pip install torch --index-url https://download.pytorch.org/whl/cu126"
+
+
+def _arch_reason(view: TorchCudaView, capability: tuple[int, int]) -> str:
+    """Why ``view``'s torch cannot drive a GPU of ``capability`` (no kernels for it)."""
+    arch = f"sm_{capability[0]}{capability[1]}"
+    reason = (
+        f"torch {view.torch_version} (CUDA {view.cuda_version}) has no kernels for {arch} "
+        f"(compute capability {capability[0]}.{capability[1]}); it was built for "
+        f"{', '.join(view.arch_list)}"
+    )
+    legacy = _legacy_sm(capability)
+    if legacy is not None:
+        return (
+            f"{reason}. PyTorch's CUDA 12.8 and newer wheels dropped {legacy}; "
+            f"the CUDA 12.6 wheels carry it: {_CU126_INDEX}"
+        )
+    return f"{reason}. Install a torch build for {arch} (https://pytorch.org/get-started/locally/)"
+
+
 # --------------------------------------------------------------------------- CUDA order
 
 _order_warned = False
@@ -471,31 +792,51 @@ def ensure_pci_bus_order() -> None:
 
 
 def cuda_visible_nvml_indices(uuids: Sequence[str | None], visible: str | None) -> list[int]:
-    """NVML indices of the GPUs CUDA sees, in CUDA index order.
+    """NVML indices of the GPUs ``CUDA_VISIBLE_DEVICES`` selects, in the order it names them.
 
     ``uuids`` holds one entry per NVML GPU (None when unknown); ``visible`` is the value of
     ``CUDA_VISIBLE_DEVICES`` (None: unset, every GPU visible). Entries are integer NVML
     indices or UUID prefixes; like CUDA, reading stops at the first entry that names no
-    GPU (or one already named).
+    GPU (or one already named). Which CUDA index a GPU gets is torch's to say (see the
+    module docstring), not this order's.
+    """
+    return [gpu for gpu, _ in _visible_selection(uuids, [()] * len(uuids), visible)]
+
+
+def _visible_selection(
+    uuids: Sequence[str | None],
+    mig_uuids: Sequence[Sequence[str | None]],
+    visible: str | None,
+) -> list[tuple[int, int | None]]:
+    """What ``CUDA_VISIBLE_DEVICES`` selects: ``(gpu, None)`` for a whole GPU, ``(gpu, k)``
+    for the ``k``-th MIG instance of ``mig_uuids[gpu]`` (named by a ``MIG-`` UUID prefix).
     """
     count = len(uuids)
     if visible is None:
-        return list(range(count))
-    chosen: list[int] = []
+        return [(i, None) for i in range(count)]
+    chosen: list[tuple[int, int | None]] = []
     for raw in visible.split(","):
         entry = raw.strip()
-        index: int | None = None
+        pick: tuple[int, int | None] | None = None
         if re.fullmatch(r"\d+", entry):
-            index = int(entry) if int(entry) < count else None
+            pick = (int(entry), None) if int(entry) < count else None
         elif entry:
             prefix = entry.lower()
-            matches = [
-                i for i, u in enumerate(uuids) if u is not None and u.lower().startswith(prefix)
+            matches: list[tuple[int, int | None]] = [
+                (i, None)
+                for i, u in enumerate(uuids)
+                if u is not None and u.lower().startswith(prefix)
             ]
-            index = matches[0] if len(matches) == 1 else None
-        if index is None or index in chosen:
+            matches += [
+                (i, k)
+                for i, instances in enumerate(mig_uuids)
+                for k, u in enumerate(instances)
+                if u is not None and u.lower().startswith(prefix)
+            ]
+            pick = matches[0] if len(matches) == 1 else None
+        if pick is None or pick in chosen or (pick[0], None) in chosen:
             break
-        chosen.append(index)
+        chosen.append(pick)
     return chosen
 
 
@@ -555,7 +896,8 @@ def _package_version(name: str) -> str | None:
 # --------------------------------------------------------------------------- discovery
 
 _cache_lock = threading.Lock()
-_cached_info: tuple[Any, HardwareInfo] | None = None  # (NVML module it came from, info)
+# (NVML module, torch probe) it came from, and the info
+_cached_info: tuple[tuple[Any, Any], HardwareInfo] | None = None
 
 
 def _clear_discovery_cache() -> None:
@@ -573,21 +915,26 @@ def discover(
     *,
     refresh_free_memory: bool = True,
     cuda_visible_devices: str | Literal[_Env.FROM_ENVIRONMENT] | None = _Env.FROM_ENVIRONMENT,
+    torch_cuda: TorchCudaView | TorchCudaProbe | None = None,
 ) -> HardwareInfo:
-    """Find this machine's devices: GPUs through NVML (CUDA index order), then the CPU.
+    """Find this machine's devices: GPUs through NVML matched to torch by UUID, then the CPU.
 
     With ``nvml`` given, that session is queried (and left open). Without it a session is
     opened on :func:`nvml_module` and closed again, and the result is remembered:
     ``refresh_free_memory=False`` returns the remembered snapshot (free memory as it was)
-    instead of asking NVML again. Never raises because NVML is missing: ``nvml_error``
-    says why there are no GPUs. ``cuda_visible_devices`` overrides the environment's
-    ``CUDA_VISIBLE_DEVICES`` (None: all GPUs visible).
+    instead of asking NVML again. Never raises because NVML or torch is missing:
+    ``nvml_error`` says why there are no GPUs, each unusable GPU and
+    ``cpu_fallback_reason`` why it is not used. ``cuda_visible_devices`` overrides the
+    environment's ``CUDA_VISIBLE_DEVICES`` (None: all GPUs visible). ``torch_cuda`` (a
+    view or a probe) replaces :func:`torch_cuda_view`; torch is asked only when NVML
+    lists a GPU.
     """
     global _cached_info
-    if nvml is None and not refresh_free_memory:
+    remembered = nvml is None and torch_cuda is None
+    if remembered and not refresh_free_memory:
         with _cache_lock:
             cached = _cached_info
-        if cached is not None and cached[0] is _current_module_or_none():
+        if cached is not None and _same_seams(cached[0], _current_seams()):
             return cached[1]
     ensure_pci_bus_order()
     visible = (
@@ -595,15 +942,20 @@ def discover(
         if cuda_visible_devices is _Env.FROM_ENVIRONMENT
         else cuda_visible_devices
     )
+    if isinstance(torch_cuda, TorchCudaView):
+        probe = _constant_probe(torch_cuda)
+    else:
+        probe = torch_cuda if torch_cuda is not None else torch_cuda_view
     if nvml is not None:
-        return _discover_with(nvml, visible)
+        return _discover_with(nvml, visible, probe)
     session = Nvml()
     try:
-        info = _discover_with(session, visible)
+        info = _discover_with(session, visible, probe)
     finally:
         session.close()
-    with _cache_lock:
-        _cached_info = (_current_module_or_none(), info)
+    if remembered:
+        with _cache_lock:
+            _cached_info = (_current_seams(), info)
     return info
 
 
@@ -614,29 +966,253 @@ def _current_module_or_none() -> Any | None:
         return None
 
 
-def _discover_with(nvml: Nvml, visible: str | None) -> HardwareInfo:
-    gpus: list[Device] = []
-    if nvml.available():
-        count = nvml.device_count()
-        uuids = [nvml.uuid(i) for i in range(count)]
-        for cuda_index, nvml_index in enumerate(cuda_visible_nvml_indices(uuids, visible)):
-            name = nvml.name(nvml_index) or f"GPU {nvml_index}"
-            total, free = nvml.memory_info(nvml_index) or (0, 0)
-            gpus.append(
-                Device(
-                    id=f"cuda:{cuda_index}",
-                    kind="cuda",
-                    index=cuda_index,
-                    name=name,
-                    gpu_type=gpu_type_from_name(name),
-                    memory_total_bytes=total,
-                    memory_free_bytes=free,
-                    compute_capability=nvml.compute_capability(nvml_index),
-                    energy_supported=nvml.energy_millijoules(nvml_index) is not None,
-                    uuid=uuids[nvml_index],
-                    nvml_index=nvml_index,
+def _current_seams() -> tuple[Any, Any]:
+    """The NVML module and the injected torch probe a remembered discovery came from."""
+    return _current_module_or_none(), _torch_probe_override
+
+
+def _same_seams(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    return a[0] is b[0] and a[1] is b[1]
+
+
+def _constant_probe(view: TorchCudaView) -> TorchCudaProbe:
+    def probe() -> TorchCudaView:
+        return view
+
+    return probe
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A GPU or MIG instance NVML lists, before it is matched to torch."""
+
+    nvml_index: int
+    name: str
+    gpu_name: str  # the physical GPU's name (the same as `name` for a whole GPU)
+    uuid: str | None
+    memory_total: int
+    memory_free: int
+    capability: tuple[int, int] | None
+    energy_supported: bool
+    mig_index: int | None = None  # set for a MIG instance
+    parent_uuid: str | None = None  # set for a MIG instance
+    mig_without_instances: bool = False  # a MIG-mode GPU with no instance configured
+
+
+def _list_nvml(nvml: Nvml, visible: str | None) -> tuple[int, list[_Listed]]:
+    """(GPUs NVML sees, the GPUs and MIG instances ``visible`` selects, NVML order)."""
+    count = nvml.device_count()
+    uuids = [nvml.uuid(i) for i in range(count)]
+    migs: dict[int, list[tuple[int, Any, str | None]]] = {}
+    for i in range(count):
+        if nvml.mig_enabled(i):
+            migs[i] = [(k, h, nvml.uuid_of(h)) for k, h in nvml.mig_handles(i)]
+    mig_uuids = [[u for _, _, u in migs.get(i, [])] for i in range(count)]
+    whole: set[int] = set()  # GPUs selected whole
+    parts: dict[int, set[int]] = {}  # GPU -> positions in migs[gpu] selected one by one
+    for gpu, position in _visible_selection(uuids, mig_uuids, visible):
+        if position is None:
+            whole.add(gpu)
+        else:
+            parts.setdefault(gpu, set()).add(position)
+    listed: list[_Listed] = []
+    for gpu in sorted(whole | set(parts)):
+        name = nvml.name(gpu) or f"GPU {gpu}"
+        total, free = nvml.memory_info(gpu) or (0, 0)
+        capability = nvml.compute_capability(gpu)
+        if gpu not in migs or not migs[gpu]:
+            listed.append(
+                _Listed(
+                    gpu,
+                    name,
+                    name,
+                    uuids[gpu],
+                    total,
+                    free,
+                    capability,
+                    energy_supported=gpu not in migs and nvml.energy_millijoules(gpu) is not None,
+                    mig_without_instances=gpu in migs,
                 )
             )
+            continue
+        for position, (mig_index, handle, mig_uuid) in enumerate(migs[gpu]):
+            if gpu not in whole and position not in parts[gpu]:
+                continue
+            mig_name = nvml.name_of(handle) or ""
+            if "mig" not in mig_name.lower().split():
+                mig_name = f"{name} MIG"
+            mig_total, mig_free = nvml.memory_info_of(handle) or (0, 0)
+            listed.append(
+                _Listed(
+                    gpu,
+                    mig_name,
+                    name,
+                    mig_uuid,
+                    mig_total,
+                    mig_free,
+                    nvml.compute_capability_of(handle) or capability,
+                    energy_supported=False,  # NVML's energy counter is board-wide
+                    mig_index=mig_index,
+                    parent_uuid=uuids[gpu],
+                )
+            )
+    return count, listed
+
+
+def _unmatched_reason(item: _Listed, view: TorchCudaView) -> str:
+    """Why ``item`` (which torch can see in principle) has no torch device."""
+    if item.mig_without_instances:
+        return (
+            "MIG mode is enabled but no MIG instance is configured "
+            "(create one with nvidia-smi mig -cgi <profile> -C, or disable MIG)"
+        )
+    if item.uuid is None:
+        return "NVML gives no UUID for it, so it cannot be matched to a CUDA device"
+    seen = len(view.devices)
+    reason = (
+        f"torch does not see it: none of the {seen} CUDA device(s) torch sees has UUID {item.uuid}"
+    )
+    if item.mig_index is not None:
+        reason += (
+            " (a CUDA process may enumerate only one MIG instance: choose it with "
+            f"CUDA_VISIBLE_DEVICES={item.uuid})"
+        )
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        reason += f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+    return reason
+
+
+def _why_unusable(item: _Listed, view: TorchCudaView, seen: TorchCudaDevice | None) -> str | None:
+    """Why torch cannot drive ``item`` (``seen``: the torch device with its UUID), or None."""
+    if not view.available:
+        return view.reason or "torch cannot use CUDA"
+    if seen is None:
+        return _unmatched_reason(item, view)
+    if arch_supported(seen.capability, view.arch_list):
+        return None
+    return _arch_reason(view, seen.capability)
+
+
+def _gpu_device(item: _Listed, seen: TorchCudaDevice | None, reason: str | None) -> Device:
+    """The :class:`Device` for a listed GPU: ``cuda:N`` when usable, ``nvml:N`` otherwise."""
+    usable = reason is None and seen is not None
+    if usable and seen is not None:
+        device_id, index = f"cuda:{seen.index}", seen.index
+    else:
+        mig_part = f":mig:{item.mig_index}" if item.mig_index is not None else ""
+        device_id, index = f"nvml:{item.nvml_index}{mig_part}", None
+    total, free = item.memory_total, item.memory_free
+    if not total and seen is not None:  # NVML could not say: torch's total, nothing in use
+        total = free = seen.total_memory
+    return Device(
+        id=device_id,
+        kind="cuda",
+        index=index,
+        name=item.name,
+        gpu_type=gpu_type_from_name(item.name),
+        memory_total_bytes=total,
+        memory_free_bytes=free,
+        compute_capability=item.capability or (seen.capability if seen else None),
+        energy_supported=item.energy_supported,
+        uuid=item.uuid,
+        nvml_index=item.nvml_index,
+        usable=usable,
+        unusable_reason=None if usable else reason,
+        mig=item.mig_index is not None,
+        parent_uuid=item.parent_uuid,
+        mig_index=item.mig_index,
+    )
+
+
+def _match(listed: Sequence[_Listed], view: TorchCudaView) -> tuple[list[Device], list[Device]]:
+    """(usable GPUs in CUDA index order, unusable GPUs in NVML order), matched by UUID."""
+    torch_devices = view.devices if view.available else ()
+    by_uuid = {uuid_key(d.uuid): d for d in torch_devices if d.uuid is not None}
+    usable: list[Device] = []
+    unusable: list[Device] = []
+    for item in listed:
+        seen = None
+        if item.uuid is not None and not item.mig_without_instances:
+            seen = by_uuid.pop(uuid_key(item.uuid), None)
+        device = _gpu_device(item, seen, _why_unusable(item, view, seen))
+        (usable if device.usable else unusable).append(device)
+    for extra in [*by_uuid.values(), *(d for d in torch_devices if d.uuid is None)]:
+        log.debug(
+            "torch sees cuda:%d (%s, UUID %s) but NVML does not list it; ignored",
+            extra.index,
+            extra.name,
+            extra.uuid,
+        )
+    usable.sort(key=lambda d: d.index or 0)
+    return usable, unusable
+
+
+def _gpu_names(listed: Sequence[_Listed]) -> tuple[int, str]:
+    """(number of physical GPUs, "Tesla V100-SXM2-16GB, 2× NVIDIA A100-SXM4-80GB")."""
+    names: dict[int, str] = {}
+    for item in listed:
+        names.setdefault(item.nvml_index, item.gpu_name)
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    text = ", ".join(name if n == 1 else f"{n}× {name}" for name, n in counts.items())
+    return len(names), text
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _fallback_reason(
+    count: int,
+    listed: Sequence[_Listed],
+    unusable: Sequence[Device],
+    view: TorchCudaView | None,
+    visible: str | None,
+) -> str | None:
+    """Why the CPU is used although NVML sees ``count`` GPUs (None when it sees none)."""
+    if count == 0:
+        return None
+    if not listed:
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides the {_plural(count, 'GPU')} NVML sees"
+    physical, names = _gpu_names(listed)
+    head = f"NVML sees {_plural(physical, 'GPU')} ({names})"
+    if view is not None and not view.available:
+        text = f"{head} but {view.reason}"
+        if view.cpu_build or view.torch_version is None:
+            legacy = sorted(
+                {
+                    d.gpu_type.upper()
+                    for d in unusable
+                    if d.gpu_type and _legacy_sm(d.compute_capability) is not None
+                }
+            )
+            hint = (
+                f"for {', '.join(legacy)}: the CUDA 12.6 wheels, {_CU126_INDEX}"
+                if legacy
+                else "see https://pytorch.org/get-started/locally/"
+            )
+            text += f": install a CUDA build of torch ({hint})"
+        return text
+    details = "; ".join(f"{d.id} ({d.name}): {d.unusable_reason}" for d in unusable)
+    return f"{head} but torch can drive none of them: {details}"
+
+
+def _discover_with(nvml: Nvml, visible: str | None, probe: TorchCudaProbe) -> HardwareInfo:
+    count, listed = _list_nvml(nvml, visible) if nvml.available() else (0, [])
+    view = probe() if listed else None
+    usable, unusable = _match(listed, view) if view is not None else ([], [])
+    fallback = None if usable else _fallback_reason(count, listed, unusable, view, visible)
+    if fallback is not None and unusable:
+        log.warning("no usable GPU, running on the CPU: %s", fallback)
+    elif fallback is not None:
+        log.info("running on the CPU: %s", fallback)
+    elif unusable:
+        log.warning(
+            "skipping %s torch cannot drive: %s",
+            _plural(len(unusable), "GPU"),
+            "; ".join(f"{d.id} ({d.name}): {d.unusable_reason}" for d in unusable),
+        )
     cpu_name = _cpu_name()
     cores = _cpu_cores()
     mem_total, mem_free = _cpu_memory()
@@ -653,7 +1229,7 @@ def _discover_with(nvml: Nvml, visible: str | None) -> HardwareInfo:
         cores=cores,
     )
     return HardwareInfo(
-        devices=(*gpus, cpu),
+        devices=(*usable, *unusable, cpu),
         driver_version=nvml.driver_version(),
         cuda_version=nvml.cuda_driver_version(),
         nvml_available=nvml.available(),
@@ -664,6 +1240,7 @@ def _discover_with(nvml: Nvml, visible: str | None) -> HardwareInfo:
         python_version=platform.python_version(),
         torch_version=_package_version("torch"),
         transformers_version=_package_version("transformers"),
+        cpu_fallback_reason=fallback,
     )
 
 

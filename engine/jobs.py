@@ -117,6 +117,14 @@ class Metrics(_Strict):
     energy_joules: float | None = None
     peak_memory_bytes: int | None = None
     queue_seconds: float | None = None
+    # Bytes of the model's weights resident on its devices (apart from the job's own peak).
+    model_memory_bytes: int | None = None
+    # Capture of the fast path's decode step for this job's cache length, done before the
+    # job's clock started (included in load_time_seconds, absent when nothing was warmed).
+    warmup_seconds: float | None = None
+    # True when energy_joules is interpolated or extrapolated from NVML's counter, which
+    # updates less often than this job's span.
+    energy_estimated: bool | None = None
 
 
 class ExecutionProfile(_Strict):
@@ -142,6 +150,8 @@ class ExecutionProfile(_Strict):
     # How the linear layers were computed: "blas" (torch's BLAS, the GPU's cuBLAS) or
     # "row-invariant" (the engine's CPU kernel, whose rows never depend on batch mates).
     linear_kernel: str = "blas"
+    # Why the job ran on the CPU although NVML sees GPUs (absent when it did not).
+    cpu_fallback_reason: str | None = None
 
 
 class JobErrorInfo(_Strict):

@@ -9,7 +9,7 @@ Routes (every one but ``/health`` needs ``Authorization: Bearer <token>``):
 
 ==========================  ===================================================
 ``GET /health``             ``{"status": "ok" | "loading" | "error", ...}``
-``GET /v1/hardware``        the devices, as ``aitbc-engine info --json``
+``GET /v1/hardware``        the devices, as ``aitbc-engine info --json``, and fast-path warm-ups
 ``GET /v1/models``          the registry, with availability and warm state
 ``POST /v1/models/{name}/load``  warm a model; ``DELETE /v1/models/{name}`` evicts
 ``POST /v1/jobs``           run a job (engine JSON or any coordinator payload)
@@ -893,8 +893,10 @@ def create_app(engine: Engine, *, token: str | None = None, state_dir: Path | No
 
     @app.get("/v1/hardware", dependencies=auth, tags=["engine"], responses=_errors())
     def get_hardware() -> dict[str, Any]:
-        """The devices, drivers and versions (as ``aitbc-engine info --json``)."""
-        return hardware.discover().to_dict()
+        """The devices, drivers and versions (as ``aitbc-engine info --json``), and the
+        fast path's captured decode steps with their warm-up seconds."""
+        return {**hardware.discover().to_dict(),
+                "fast_paths": [stats.to_dict() for stats in engine.fast_paths()]}
 
     @app.get("/v1/models", dependencies=auth, response_model=ModelList, tags=["models"],
              responses=_errors())

@@ -38,10 +38,10 @@ integrity checks first and stops there when they fail:
       margin, so a token on the set's edge under another precision passes), its
       probability is at least ``probability_floor_alpha / vocabulary``, and,
       when the result names this engine's hash version and the same torch
-      version, the seeded draw is replayed: the engine samples with
-      ``torch.multinomial``, which takes ``argmax(p / q)`` over ``q ~ Exp(1)``
-      drawn from the job's seeded generator, so the verifier redraws ``q`` and
-      requires the claimed token to be that argmax within the margin;
+      version, the seeded draw is replayed: every decode path samples by the
+      one rule of :mod:`engine.sampling`, ``argmax(p / q)`` over ``q ~ Exp(1)``
+      drawn from the job's seeded CPU generator, so the verifier redraws ``q``
+      and requires the claimed token to be that argmax within the margin;
     * the stop rule: the output ends at the first EOS id, the first completed
       stop string or exactly ``max_tokens`` tokens, and not earlier, and
       ``finish_reason`` says which;
@@ -649,6 +649,7 @@ class Verifier:
         import torch
 
         from engine.hashing import effective_seed
+        from engine.sampling import exponential_draws, seeded_generator
 
         p = job.params
         vocab = logits.shape[-1]
@@ -658,16 +659,15 @@ class Verifier:
         if replay:
             seed = effective_seed(job)
             assert seed is not None
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(seed)
+            generator = seeded_generator(seed)
         min_prob, worst_replay = 1.0, 0.0
         for i, tok in enumerate(tokens):
             z = logits[i] / p.temperature
             m = float(margins[i]) / p.temperature
             sure, possible = sampling_sets(z, p, m)
-            # The engine's sampler: argmax(p / q), q ~ Exp(1) from the seeded generator.
-            q = (torch.empty(vocab, dtype=torch.float32).exponential_(1, generator=generator)
-                 if generator is not None else None)
+            # The engine's one rule (engine.sampling): argmax(p / q), q ~ Exp(1) drawn
+            # from the job's seeded generator, one vocabulary-sized draw per step.
+            q = exponential_draws(generator, vocab) if generator is not None else None
             if not bool(possible[tok]):
                 check.fail(f"token {i} (id {tok}) lies outside the job's top-k/top-p set "
                            f"(top_k {p.top_k}, top_p {p.top_p}, temperature {p.temperature})", i)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.hardware import set_nvml_module
+from engine.hardware import set_nvml_module, set_torch_cuda_probe
 from engine.registry import packaged_registry_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,10 +114,11 @@ def registry_path(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch,
                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No test sees a real GPU mask, and NVML is the real module unless a test injects one."""
+    """No test sees a real GPU mask; NVML and torch's CUDA view are real unless injected."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     yield
     set_nvml_module(None)
+    set_torch_cuda_probe(None)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -5,6 +5,15 @@ Use it through the engine's seam::
     fake = FakeNvml(gpus=[v100(), a100()])
     hardware.set_nvml_module(fake)      # or hardware.Nvml(fake) / hardware.discover(Nvml(fake))
 
+Discovery also asks torch which of those GPUs it can drive (matched by UUID); a
+:class:`FakeTorchCuda` answers for torch::
+
+    nvml, torch_cuda = fake_machine([v100(), a100()])   # torch sees both, same order
+    info = hardware.discover(Nvml(nvml), torch_cuda=torch_cuda)
+    hardware.set_torch_cuda_probe(torch_cuda)            # or for every discover()
+
+A GPU in MIG mode: ``a100().add_mig("3g.40gb", 40 * 2**30)`` (each call adds one instance).
+
 Energy counters only move when told to: ``gpu.advance_energy(mj)``, ``gpu.advance_time(s)``
 (at ``gpu.power_watts``), ``fake.advance_time(s)`` for every GPU, or ``gpu.energy_step_mj``
 (added after every read, so consecutive reads differ by that much).
@@ -17,6 +26,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from engine.hardware import TorchCudaDevice, TorchCudaView
 
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -76,15 +87,46 @@ class FakeGpu:
     energy_mj: int = 0
     energy_step_mj: int = 0
     lost: bool = False  # every call on a lost GPU raises NVML_ERROR_GPU_IS_LOST
+    # MIG: None = the GPU has no MIG (NVML says NOT_SUPPORTED); else (current, pending).
+    mig_mode: tuple[int, int] | None = None
+    # MIG instances by NVML MIG device index; None marks an empty slot.
+    mig_instances: list[FakeGpu | None] = field(default_factory=list)
+    max_mig_devices: int = 7
+    parent: FakeGpu | None = field(default=None, repr=False, compare=False)  # MIG instance's GPU
 
     def __post_init__(self) -> None:
         if self.memory_free is None:
             self.memory_free = self.memory_total
         if self.uuid is None:
+            prefix = "MIG" if self.parent is not None else "GPU"
             digest = hashlib.sha256(f"{self.name}/{next(_serial)}".encode()).hexdigest()
             self.uuid = (
-                f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+                f"{prefix}-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-"
+                f"{digest[20:32]}"
             )
+
+    @property
+    def is_mig_instance(self) -> bool:
+        """Whether this fake is a MIG instance (of ``parent``)."""
+        return self.parent is not None
+
+    def add_mig(self, profile: str, memory_total: int, **overrides: Any) -> FakeGpu:
+        """Turn MIG mode on and add one instance (``"<name> MIG <profile>"``); returns it.
+
+        The instance has its own ``MIG-`` UUID and memory, the parent's compute capability,
+        and no energy counter (NVML's is board-wide).
+        """
+        self.mig_mode = (1, 1)
+        defaults: dict[str, Any] = {
+            "name": f"{self.name} MIG {profile}",
+            "memory_total": memory_total,
+            "compute_capability": self.compute_capability,
+            "energy_supported": False,
+            "parent": self,
+        }
+        instance = FakeGpu(**{**defaults, **overrides})
+        self.mig_instances.append(instance)
+        return instance
 
     def advance_energy(self, millijoules: int) -> None:
         """Move the total-energy counter forward."""
@@ -147,6 +189,8 @@ class FakeNvml:
     NVML_ERROR_LIBRARY_NOT_FOUND = NVML_ERROR_LIBRARY_NOT_FOUND
     NVML_ERROR_GPU_IS_LOST = NVML_ERROR_GPU_IS_LOST
     NVML_ERROR_UNKNOWN = NVML_ERROR_UNKNOWN
+    NVML_DEVICE_MIG_DISABLE = 0
+    NVML_DEVICE_MIG_ENABLE = 1
 
     def __post_init__(self) -> None:
         self.gpus = list(self.gpus)
@@ -168,12 +212,25 @@ class FakeNvml:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
 
     def _gpu(self, handle: object) -> FakeGpu:
+        """The GPU or MIG instance behind ``handle`` (raising as NVML does)."""
         self._check()
-        if not isinstance(handle, FakeGpu) or all(handle is not g for g in self.gpus):
+        if not isinstance(handle, FakeGpu):
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-        if handle.lost:
+        owner = handle.parent if handle.parent is not None else handle
+        if all(owner is not g for g in self.gpus) or (
+            owner is not handle and all(handle is not m for m in owner.mig_instances)
+        ):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if handle.lost or owner.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
         return handle
+
+    def _physical(self, handle: object) -> FakeGpu:
+        """The whole GPU behind ``handle``; a MIG handle is an invalid argument."""
+        gpu = self._gpu(handle)
+        if gpu.parent is not None:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return gpu
 
     # -- the pynvml API
 
@@ -233,3 +290,164 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, handle: object) -> int:
         """Board power in milliwatts, as NVML reports it."""
         return round(self._gpu(handle).power_watts * 1000)
+
+    def nvmlDeviceGetMigMode(self, handle: object) -> list[int]:
+        """[current, pending] MIG mode; NOT_SUPPORTED on a GPU without MIG."""
+        gpu = self._physical(handle)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return list(gpu.mig_mode)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: object) -> int:
+        gpu = self._physical(handle)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.max_mig_devices if gpu.mig_mode[0] == 1 else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: object, index: int) -> FakeGpu:
+        gpu = self._physical(handle)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= index < gpu.max_mig_devices:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        instance = gpu.mig_instances[index] if index < len(gpu.mig_instances) else None
+        if gpu.mig_mode[0] != 1 or instance is None:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        return instance
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle: object) -> bool:
+        return self._gpu(handle).parent is not None
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: object) -> FakeGpu:
+        parent = self._gpu(handle).parent
+        if parent is None:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return parent
+
+
+# --------------------------------------------------------------------------- torch
+
+# torch.cuda.get_arch_list() of PyTorch's x86-64 wheels.
+CU126_ARCHS = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+CU128_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120")
+
+
+def _bare_uuid(uuid: str | None) -> str | None:
+    """A UUID as torch prints ``get_device_properties(i).uuid``: no ``GPU-``/``MIG-`` prefix."""
+    if uuid is None:
+        return None
+    for prefix in ("GPU-", "MIG-"):
+        if uuid.upper().startswith(prefix):
+            return uuid[len(prefix) :].lower()
+    return uuid.lower()
+
+
+@dataclass
+class FakeTorchCuda:
+    """Stands in for torch's view of CUDA: a probe (call it) returning a ``TorchCudaView``.
+
+    ``gpus`` are the fake GPUs (or MIG instances) torch sees, in torch's CUDA index order;
+    their UUIDs, names, capabilities and memory are read at each call. ``calls`` counts
+    the probes. Build one with :meth:`seeing`, :meth:`cpu_build` or :meth:`unavailable`.
+    """
+
+    gpus: Sequence[FakeGpu] = ()
+    arch_list: Sequence[str] = CU126_ARCHS
+    torch_version: str | None = "2.13.0+cu126"
+    cuda_version: str | None = "12.6"
+    available: bool = True
+    reason: str | None = None
+    calls: int = 0
+
+    @classmethod
+    def seeing(
+        cls,
+        gpus: Sequence[FakeGpu],
+        order: Sequence[int] | None = None,
+        *,
+        arch_list: Sequence[str] = CU126_ARCHS,
+        torch_version: str = "2.13.0+cu126",
+        cuda_version: str = "12.6",
+    ) -> FakeTorchCuda:
+        """torch sees ``gpus[order[0]]`` as cuda:0, ``gpus[order[1]]`` as cuda:1...
+
+        ``order`` defaults to the list's own order; it may leave GPUs out (torch does not
+        see them). A GPU in MIG mode is not a CUDA device: pass its instances.
+        """
+        positions = range(len(gpus)) if order is None else order
+        return cls(
+            gpus=[gpus[i] for i in positions],
+            arch_list=tuple(arch_list),
+            torch_version=torch_version,
+            cuda_version=cuda_version,
+        )
+
+    @classmethod
+    def cpu_build(cls, torch_version: str = "2.13.0+cpu") -> FakeTorchCuda:
+        """A torch wheel built without CUDA."""
+        return cls(
+            torch_version=torch_version,
+            cuda_version=None,
+            arch_list=(),
+            available=False,
+            reason=f"torch {torch_version} is a CPU build (torch.version.cuda is None)",
+        )
+
+    @classmethod
+    def unavailable(cls, reason: str, torch_version: str = "2.13.0+cu128") -> FakeTorchCuda:
+        """A CUDA build whose ``torch.cuda.is_available()`` is False (driver too old...)."""
+        return cls(
+            torch_version=torch_version,
+            cuda_version="12.8",
+            arch_list=CU128_ARCHS,
+            available=False,
+            reason=f"torch.cuda.is_available() is False: {reason}",
+        )
+
+    def __call__(self) -> TorchCudaView:
+        self.calls += 1
+        if not self.available:
+            return TorchCudaView(
+                False, self.reason, self.torch_version, self.cuda_version, tuple(self.arch_list)
+            )
+        devices = tuple(
+            TorchCudaDevice(
+                index=i,
+                uuid=_bare_uuid(gpu.uuid),
+                name=gpu.name,
+                capability=gpu.compute_capability,
+                total_memory=gpu.memory_total,
+            )
+            for i, gpu in enumerate(self.gpus)
+        )
+        return TorchCudaView(
+            True, None, self.torch_version, self.cuda_version, tuple(self.arch_list), devices
+        )
+
+
+def cuda_devices_of(gpus: Sequence[FakeGpu]) -> list[FakeGpu]:
+    """What CUDA enumerates for ``gpus``: each GPU, or in MIG mode its instances."""
+    out: list[FakeGpu] = []
+    for gpu in gpus:
+        if gpu.mig_mode is not None and gpu.mig_mode[0] == 1:
+            out += [m for m in gpu.mig_instances if m is not None]
+        else:
+            out.append(gpu)
+    return out
+
+
+def fake_machine(
+    gpus: Sequence[FakeGpu],
+    order: Sequence[int] | None = None,
+    *,
+    arch_list: Sequence[str] = CU126_ARCHS,
+    **nvml_options: Any,
+) -> tuple[FakeNvml, FakeTorchCuda]:
+    """A fake NVML over ``gpus`` and a CUDA torch that sees every one of them.
+
+    ``order`` is torch's order over the CUDA devices (:func:`cuda_devices_of`); the
+    default ``arch_list`` (the CUDA 12.6 wheels) drives V100 through H100.
+    """
+    nvml = FakeNvml(gpus=gpus, **nvml_options)
+    torch_cuda = FakeTorchCuda.seeing(cuda_devices_of(gpus), order, arch_list=arch_list)
+    return nvml, torch_cuda

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeNvml, a100, v100
+from fakes import FakeGpu, FakeNvml, FakeTorchCuda, a100, fake_machine, v100
 
 from engine.coordinator import (
     AitbcCoordinator,
@@ -22,7 +22,7 @@ from engine.coordinator import (
 )
 from engine.coordinator.aitbc import result_metrics
 from engine.coordinator.base import build_job
-from engine.hardware import Nvml, discover
+from engine.hardware import HardwareInfo, Nvml, discover
 from engine.jobs import JobResult
 from engine.registry import Registry
 
@@ -48,8 +48,14 @@ def _result(device: str = "cpu", gpu_seconds: float = 0.0, gpu_count: int = 0) -
 # ------------------------------------------------------------------ capabilities
 
 
+def _machine(gpus: list[FakeGpu], **nvml_options: Any) -> HardwareInfo:
+    """Discovery over fake GPUs that a CUDA build of torch can drive."""
+    nvml, torch_cuda = fake_machine(gpus, **nvml_options)
+    return discover(Nvml(nvml), torch_cuda=torch_cuda, cuda_visible_devices=None)
+
+
 def test_capabilities_come_from_the_hardware_and_the_registry() -> None:
-    hardware = discover(Nvml(FakeNvml(gpus=[v100(), v100()], driver="550.54.15", cuda=12040)))
+    hardware = _machine([v100(), v100()], driver="550.54.15", cuda=12040)
     registry = Registry.load()
     here = {"smollm2-135m", "all-minilm-l6-v2", "gpt2"}
     caps = detect_capabilities(hardware, registry, is_available=lambda s: s.name in here,
@@ -61,7 +67,7 @@ def test_capabilities_come_from_the_hardware_and_the_registry() -> None:
 
 
 def test_capabilities_leave_out_models_that_do_not_fit() -> None:
-    hardware = discover(Nvml(FakeNvml(gpus=[v100(memory_total=1 * GiB, memory_free=GiB)])))
+    hardware = _machine([v100(memory_total=1 * GiB, memory_free=GiB)])
     registry = Registry.load()
     caps = detect_capabilities(hardware, registry, is_available=lambda s: True)
     big = [s.name for s in registry if s.min_gpu_memory_mb > 1024]
@@ -76,8 +82,16 @@ def test_cpu_only_capabilities() -> None:
     assert caps.models == ("smollm2-135m",)
 
 
+def test_gpus_torch_cannot_drive_are_not_announced() -> None:
+    nvml, _ = fake_machine([v100(), v100()])
+    hardware = discover(Nvml(nvml), torch_cuda=FakeTorchCuda.cpu_build(),
+                        cuda_visible_devices=None)
+    caps = detect_capabilities(hardware, Registry.load(), is_available=lambda s: True)
+    assert (caps.gpu_type, caps.gpu_count, caps.gpus) == ("cpu", 0, ())
+
+
 def test_mixed_gpus_report_the_most_common_type() -> None:
-    hardware = discover(Nvml(FakeNvml(gpus=[a100(), a100(), v100()])))
+    hardware = _machine([a100(), a100(), v100()])
     caps = detect_capabilities(hardware, Registry.load(), is_available=lambda s: True)
     assert caps.gpu_type == "a100" and caps.gpu_count == 3
 

@@ -126,7 +126,7 @@ def test_cancel_a_queued_and_a_running_job(registry_path: Path) -> None:
 
 
 def test_concurrency_limit_per_device(registry_path: Path) -> None:
-    with Engine(registry_path, devices=["cpu"], max_concurrent=2) as eng:
+    with Engine(registry_path, devices=["cpu"], max_concurrent=2, batch_size=1) as eng:
         handles = [eng.submit(_gen(f"job {i}", max_tokens=16)) for i in range(6)]
         peak = 0
         while not all(h.done() for h in handles):
@@ -233,34 +233,20 @@ def test_seeded_sampling_is_independent_of_batch_mates(registry_path: Path) -> N
 def test_engine_on_fake_gpus_meters_energy_through_its_own_nvml_session(
         registry_path: Path) -> None:
     """With GPUs discovered and no session given, the engine opens NVML for energy and closes it."""
-    from fakes import FakeNvml, a100
+    from fakes import a100, fake_machine
 
-    from engine.hardware import discover, set_nvml_module
+    from engine.hardware import discover, set_nvml_module, set_torch_cuda_probe
 
-    fake = FakeNvml(gpus=[a100()])
+    fake, torch_cuda = fake_machine([a100()])
     set_nvml_module(fake)
+    set_torch_cuda_probe(torch_cuda)
     hardware = discover(cuda_visible_devices=None)
+    assert hardware.gpus
     eng = Engine(registry_path, hardware=hardware, devices=["cpu"])
     assert eng.meter.nvml is not None and eng.meter.nvml.available()
     assert eng.run(_gen(max_tokens=2)).ok  # CPU job: no energy, no GPU time
     eng.close()
     assert not fake.initialized
-
-
-def test_a_broken_fast_path_falls_back_to_the_dynamic_loop(
-        registry_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.tasks.static_decode as static_decode
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("graph capture failed")
-
-    monkeypatch.setattr(static_decode, "generate_static", broken)
-    with Engine(registry_path, devices=["cpu"], decode="static") as eng:
-        first, second = eng.run(_gen("fallback")), eng.run(_gen("fallback"))
-    for result in (first, second):
-        assert result.ok and result.profile is not None, result.error
-        assert result.profile.decode == "dynamic-cache"
-    assert first.result_hash == second.result_hash
 
 
 def _wait_until(predicate: Callable[[], bool], seconds: float = 30.0) -> None:

@@ -1,16 +1,28 @@
-"""Tests of engine.hardware: GPU names, spec sheet, discovery over a fake NVML, CPU bandwidth."""
+"""Tests of engine.hardware: GPU names, spec sheet, discovery over a fake NVML and a fake
+torch (matched by UUID, unusable GPUs, MIG), CPU bandwidth."""
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import NVML_ERROR_DRIVER_NOT_LOADED, FakeGpu, FakeNvml, a100, v100
+from fakes import (
+    CU126_ARCHS,
+    CU128_ARCHS,
+    NVML_ERROR_DRIVER_NOT_LOADED,
+    FakeGpu,
+    FakeNvml,
+    FakeTorchCuda,
+    a100,
+    fake_machine,
+    v100,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +33,8 @@ from engine.hardware import (
     Device,
     HardwareInfo,
     Nvml,
+    TorchCudaView,
+    arch_supported,
     cpu_memory_bandwidth_gbps,
     cuda_visible_nvml_indices,
     discover,
@@ -28,6 +42,7 @@ from engine.hardware import (
     gpu_type_from_name,
     memory_bandwidth_gbps,
     supports_bf16,
+    uuid_key,
 )
 
 GiB = 2**30
@@ -36,11 +51,13 @@ TYPE_RE = re.compile(r"^[a-z0-9]+$")
 
 @pytest.fixture(autouse=True)
 def _clean_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test starts and ends with the real pynvml and sees every GPU."""
+    """Every test starts and ends with the real pynvml and torch and sees every GPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     hardware.set_nvml_module(None)
+    hardware.set_torch_cuda_probe(None)
     yield
     hardware.set_nvml_module(None)
+    hardware.set_torch_cuda_probe(None)
 
 
 @pytest.fixture
@@ -49,7 +66,16 @@ def fake() -> FakeNvml:
 
 
 @pytest.fixture
-def info(fake: FakeNvml) -> HardwareInfo:
+def torch_cuda(fake: FakeNvml) -> FakeTorchCuda:
+    """A CUDA torch (12.6 wheels: V100 included) that sees the fake's GPUs in NVML order,
+    injected for every discovery of the test."""
+    probe = FakeTorchCuda.seeing(fake.gpus)
+    hardware.set_torch_cuda_probe(probe)
+    return probe
+
+
+@pytest.fixture
+def info(fake: FakeNvml, torch_cuda: FakeTorchCuda) -> HardwareInfo:
     return discover(Nvml(fake))
 
 
@@ -220,7 +246,7 @@ def test_discover_with_unsupported_energy() -> None:
     fake = FakeNvml(gpus=[k80])
     nvml = Nvml(fake)
     assert nvml.energy_millijoules(0) is None
-    (gpu,) = discover(nvml).gpus
+    (gpu,) = discover(nvml, torch_cuda=FakeTorchCuda.seeing([k80], arch_list=["sm_37"])).gpus
     assert gpu.gpu_type == "k80" and not gpu.energy_supported
 
 
@@ -230,7 +256,10 @@ def test_nvml_init_failure_gives_cpu_only() -> None:
     assert not nvml.available()
     assert nvml.error() == "Driver Not Loaded"
     assert nvml.device_count() == 0
-    info = discover(nvml)
+    torch_cuda = FakeTorchCuda.seeing(fake.gpus)
+    info = discover(nvml, torch_cuda=torch_cuda)
+    assert torch_cuda.calls == 0  # no GPU listed: torch is not asked
+    assert info.cpu_fallback_reason is None  # nvml_error says why
     assert [d.id for d in info.devices] == ["cpu"]
     assert info.gpus == ()
     assert not info.nvml_available
@@ -238,7 +267,7 @@ def test_nvml_init_failure_gives_cpu_only() -> None:
     assert info.driver_version is None and info.cuda_version is None
 
 
-def test_injected_module_is_used_by_default(fake: FakeNvml) -> None:
+def test_injected_module_is_used_by_default(fake: FakeNvml, torch_cuda: FakeTorchCuda) -> None:
     hardware.set_nvml_module(fake)
     assert hardware.nvml_module() is fake
     info = discover()
@@ -271,6 +300,8 @@ def test_set_nvml_module_none_restores_pynvml(fake: FakeNvml) -> None:
 
 
 def test_discover_snapshot_without_refresh(fake: FakeNvml) -> None:
+    other = a100()
+    hardware.set_torch_cuda_probe(FakeTorchCuda.seeing([*fake.gpus, other]))
     hardware.set_nvml_module(fake)
     first = discover()
     fake.gpus[0].memory_free = 1 * GiB
@@ -278,14 +309,18 @@ def test_discover_snapshot_without_refresh(fake: FakeNvml) -> None:
     fresh = discover()
     assert fresh.gpus[0].memory_free_bytes == 1 * GiB
     assert discover(refresh_free_memory=False) is fresh
-    hardware.set_nvml_module(FakeNvml(gpus=[a100()]))  # a new module drops the snapshot
+    hardware.set_nvml_module(FakeNvml(gpus=[other]))  # a new module drops the snapshot
     assert [d.gpu_type for d in discover(refresh_free_memory=False).gpus] == ["a100"]
+    hardware.set_torch_cuda_probe(FakeTorchCuda.cpu_build())  # so does a new torch probe
+    assert discover(refresh_free_memory=False).gpus == ()
 
 
 def test_info_to_dict_is_json(info: HardwareInfo) -> None:
     data = json.loads(json.dumps(info.to_dict()))
     assert [d["id"] for d in data["devices"]] == ["cuda:0", "cuda:1", "cpu"]
     assert data["devices"][1]["compute_capability"] == [8, 0]
+    assert all(d["usable"] and d["unusable_reason"] is None for d in data["devices"])
+    assert data["unusable_gpus"] == [] and data["cpu_fallback_reason"] is None
     assert data["cuda_version"] == "12.4"
     assert data["nvml_available"] is True
     assert data["python_version"].count(".") == 2
@@ -320,21 +355,382 @@ def test_cpu_only_machine_rejects_gpu_names(name: str) -> None:
         info.device(name)
 
 
+# --------------------------------------------------------------------------- NVML × torch
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "engine.hardware" and r.levelno == logging.WARNING
+    ]
+
+
+def test_devices_are_matched_to_torch_by_uuid_not_by_index() -> None:
+    """NVML lists V100, A100, H100; torch numbers them H100, V100, A100 ("fastest first")."""
+    h100 = FakeGpu("NVIDIA H100 80GB HBM3", 80 * GiB, 70 * GiB, compute_capability=(9, 0))
+    nvml, torch_cuda = fake_machine([v100(), a100(), h100], order=[2, 0, 1])
+    info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    assert [d.id for d in info.devices] == ["cuda:0", "cuda:1", "cuda:2", "cpu"]
+    described = [
+        (d.index, d.nvml_index, d.name, d.memory_total_bytes, d.compute_capability)
+        for d in info.gpus
+    ]
+    assert described == [
+        (0, 2, "NVIDIA H100 80GB HBM3", 80 * GiB, (9, 0)),
+        (1, 0, "Tesla V100-SXM2-16GB", 16 * GiB, (7, 0)),
+        (2, 1, "NVIDIA A100-SXM4-80GB", 80 * GiB, (8, 0)),
+    ]
+    assert [d.uuid for d in info.gpus] == [nvml.gpus[i].uuid for i in (2, 0, 1)]
+    assert info.gpus[0].memory_free_bytes == 70 * GiB  # free memory from NVML
+    assert info.device("cuda:0").gpu_type == "h100"
+    assert info.device("nvml:0").id == "cuda:1"  # the NVML index names a GPU too
+    assert info.unusable_gpus == () and info.cpu_fallback_reason is None
+    assert torch_cuda.calls == 1
+
+
+def test_uuid_key_compares_nvml_and_torch_spellings() -> None:
+    assert uuid_key("GPU-8F3C0A1B-1234-5678-9ABC-DEF012345678") == uuid_key(
+        "8f3c0a1b-1234-5678-9abc-def012345678"
+    )
+    assert uuid_key("MIG-0a1b2c3d-0000-1111-2222-333344445555") == (
+        "0a1b2c3d000011112222333344445555"
+    )
+    assert uuid_key("GPU-aaaa") != uuid_key("MIG-bbbb")
+
+
+def test_cpu_torch_build_leaves_every_gpu_unusable(caplog: pytest.LogCaptureFixture) -> None:
+    nvml = FakeNvml(gpus=[v100()])
+    hardware.set_torch_cuda_probe(FakeTorchCuda.cpu_build("2.13.0+cpu"))
+    with caplog.at_level(logging.WARNING, logger="engine.hardware"):
+        info = discover(Nvml(nvml))
+    assert info.gpus == ()
+    assert [d.id for d in info.devices] == ["nvml:0", "cpu"]
+    (gpu,) = info.unusable_gpus
+    assert (gpu.kind, gpu.index, gpu.nvml_index, gpu.usable) == ("cuda", None, 0, False)
+    assert gpu.name == "Tesla V100-SXM2-16GB" and gpu.memory_total_bytes == 16 * GiB
+    assert gpu.unusable_reason == "torch 2.13.0+cpu is a CPU build (torch.version.cuda is None)"
+    assert info.cpu_fallback_reason == (
+        "NVML sees 1 GPU (Tesla V100-SXM2-16GB) but torch 2.13.0+cpu is a CPU build "
+        "(torch.version.cuda is None): install a CUDA build of torch (for V100: the CUDA "
+        "12.6 wheels, pip install torch --index-url https://download.pytorch.org/whl/cu126)"
+    )
+    assert _warnings(caplog) == [f"no usable GPU, running on the CPU: {info.cpu_fallback_reason}"]
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["cpu_fallback_reason"] == info.cpu_fallback_reason
+    assert data["unusable_gpus"] == [
+        {"id": "nvml:0", "name": gpu.name, "uuid": gpu.uuid, "reason": gpu.unusable_reason}
+    ]
+    assert data["devices"][0]["usable"] is False
+
+
+def test_cpu_torch_build_with_a100_points_at_the_install_page() -> None:
+    info = discover(Nvml(FakeNvml(gpus=[a100(), a100()])), torch_cuda=FakeTorchCuda.cpu_build())
+    assert info.cpu_fallback_reason is not None
+    assert info.cpu_fallback_reason.startswith("NVML sees 2 GPUs (2× NVIDIA A100-SXM4-80GB) but ")
+    assert "https://pytorch.org/get-started/locally/" in info.cpu_fallback_reason
+    assert "cu126" not in info.cpu_fallback_reason
+
+
+def test_torch_cuda_unavailable_says_so_without_an_install_hint() -> None:
+    torch_cuda = FakeTorchCuda.unavailable("The NVIDIA driver on your system is too old")
+    info = discover(Nvml(FakeNvml(gpus=[a100()])), torch_cuda=torch_cuda)
+    assert info.gpus == ()
+    assert info.cpu_fallback_reason == (
+        "NVML sees 1 GPU (NVIDIA A100-SXM4-80GB) but torch.cuda.is_available() is False: "
+        "The NVIDIA driver on your system is too old"
+    )
+
+
+def test_v100_without_sm70_kernels_is_skipped_beside_a_usable_a100(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nvml, _ = fake_machine([v100(), a100()])
+    torch_cuda = FakeTorchCuda.seeing(
+        nvml.gpus, arch_list=CU128_ARCHS, torch_version="2.13.0+cu128", cuda_version="12.8"
+    )
+    with caplog.at_level(logging.WARNING, logger="engine.hardware"):
+        info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    (usable,) = info.gpus
+    assert (usable.id, usable.index, usable.nvml_index, usable.gpu_type) == ("cuda:1", 1, 1, "a100")
+    (old,) = info.unusable_gpus
+    assert (old.id, old.index, old.gpu_type) == ("nvml:0", None, "v100")
+    reason = old.unusable_reason or ""
+    assert "no kernels for sm_70" in reason
+    assert "sm_75, sm_80, sm_86, sm_90, sm_100, sm_120, compute_120" in reason
+    assert "CUDA 12.6 wheels carry it" in reason and "whl/cu126" in reason
+    assert info.cpu_fallback_reason is None  # the A100 is used
+    assert [d.id for d in info.devices] == ["cuda:1", "nvml:0", "cpu"]
+    assert info.device("cuda").id == "cuda:1"  # the first usable GPU
+    with pytest.raises(DeviceError, match="sm_70"):
+        info.device("cuda:0")
+    with pytest.raises(DeviceError, match=r"Tesla V100-SXM2-16GB \(nvml:0\) cannot be used"):
+        info.device("nvml:0")
+    (warning,) = _warnings(caplog)
+    assert warning.startswith("skipping 1 GPU torch cannot drive: nvml:0 (Tesla V100-SXM2-16GB)")
+
+
+def test_v100_with_the_cu126_arch_list_is_usable() -> None:
+    nvml, torch_cuda = fake_machine([v100()], arch_list=CU126_ARCHS)
+    (gpu,) = discover(Nvml(nvml), torch_cuda=torch_cuda).gpus
+    assert (gpu.id, gpu.gpu_type, gpu.usable) == ("cuda:0", "v100", True)
+
+
+def test_unusable_only_machine_refuses_cuda_with_the_reason() -> None:
+    info = discover(Nvml(FakeNvml(gpus=[v100()])), torch_cuda=FakeTorchCuda.cpu_build())
+    for name in ("cuda:0", "cuda", "gpu:0"):
+        with pytest.raises(DeviceError) as excinfo:
+            info.device(name)
+        assert "CPU build" in str(excinfo.value) and "cu126" in str(excinfo.value)
+        assert excinfo.value.code == "invalid_device"
+    with pytest.raises(DeviceError, match="CPU build"):
+        info.device("nvml:0")
+    assert info.device("cpu") is info.cpu
+
+
+def test_gpu_torch_does_not_see_is_unusable() -> None:
+    nvml, _ = fake_machine([v100(), a100()])
+    info = discover(Nvml(nvml), torch_cuda=FakeTorchCuda.seeing(nvml.gpus, order=[1]))
+    assert [d.id for d in info.gpus] == ["cuda:0"]
+    (missing,) = info.unusable_gpus
+    assert missing.id == "nvml:0"
+    assert (missing.unusable_reason or "").startswith("torch does not see it")
+    assert str(missing.uuid) in (missing.unusable_reason or "")
+
+
+def test_device_torch_sees_but_nvml_does_not_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    stranger = a100(name="NVIDIA A100-PCIE-40GB")
+    nvml = FakeNvml(gpus=[v100()])
+    torch_cuda = FakeTorchCuda.seeing([stranger, nvml.gpus[0]])
+    with caplog.at_level(logging.DEBUG, logger="engine.hardware"):
+        info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    assert [(d.id, d.gpu_type) for d in info.gpus] == [("cuda:1", "v100")]
+    assert any("NVML does not list it" in r.getMessage() for r in caplog.records)
+    assert not _warnings(caplog)
+
+
+def test_torch_uuids_may_come_without_prefix_and_in_any_case() -> None:
+    gpu = v100(uuid="GPU-ABCDEF01-2345-6789-ABCD-EF0123456789")
+    view = TorchCudaView(
+        True,
+        None,
+        "2.13.0+cu126",
+        "12.6",
+        CU126_ARCHS,
+        (hardware.TorchCudaDevice(0, "abcdef01-2345-6789-abcd-ef0123456789", "V100", (7, 0), 1),),
+    )
+    (found,) = discover(Nvml(FakeNvml(gpus=[gpu])), torch_cuda=view).gpus
+    assert (found.id, found.uuid) == ("cuda:0", "GPU-ABCDEF01-2345-6789-ABCD-EF0123456789")
+
+
+@pytest.mark.parametrize(
+    ("capability", "arch_list", "expected"),
+    [
+        ((7, 0), CU128_ARCHS, False),
+        ((7, 0), CU126_ARCHS, True),
+        ((7, 5), CU128_ARCHS, True),
+        ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # sm_86 code runs on 8.9
+        ((8, 0), ["sm_86", "sm_90"], False),  # but not on 8.0
+        ((10, 0), ["sm_80", "sm_90", "compute_90"], True),  # PTX is JIT-compiled upwards
+        ((9, 0), ["sm_100", "compute_120"], False),  # and never downwards
+        ((9, 0), ["sm_90a"], True),
+        ((10, 0), ["sm_90a"], False),  # arch-specific code runs on its own capability only
+        ((12, 0), CU128_ARCHS, True),
+        ((3, 7), [], True),  # torch does not say: assume it can
+    ],
+)
+def test_arch_supported(capability: tuple[int, int], arch_list: list[str], expected: bool) -> None:
+    assert arch_supported(capability, arch_list) is expected
+
+
+def test_real_torch_probe_on_this_machine() -> None:
+    import torch
+
+    view = hardware.probe_torch_cuda()
+    assert view.torch_version == torch.__version__
+    assert view.cuda_version == torch.version.cuda
+    if torch.version.cuda is None:  # a CPU wheel, as in this repository's venv
+        assert not view.available and view.devices == ()
+        assert (
+            view.reason == f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+        )
+        assert view.cpu_build
+    elif view.available:  # a GPU machine: every device with a UUID torch can print
+        assert len(view.devices) == torch.cuda.device_count()
+        assert all(len(uuid_key(d.uuid or "")) == 32 for d in view.devices)
+    assert hardware.torch_cuda_view() is hardware.torch_cuda_view()  # probed once
+
+
+def test_real_torch_probe_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name: str, *args: object, **kwargs: object) -> object:
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    view = hardware.probe_torch_cuda()
+    assert not view.available and view.torch_version is None
+    assert "torch cannot be imported" in (view.reason or "")
+
+
+def test_injected_probe_is_used_by_default(fake: FakeNvml) -> None:
+    probe = FakeTorchCuda.seeing(fake.gpus, order=[1, 0])
+    hardware.set_torch_cuda_probe(probe)
+    assert uuid_key(hardware.torch_cuda_view().devices[0].uuid) == uuid_key(fake.gpus[1].uuid)
+    assert [d.gpu_type for d in discover(Nvml(fake)).gpus] == ["a100", "v100"]
+    assert probe.calls == 2
+
+
+# --------------------------------------------------------------------------- MIG
+
+
+def _mig_a100() -> FakeGpu:
+    gpu = a100()
+    gpu.add_mig("3g.40gb", 40 * GiB, memory_free=39 * GiB)
+    gpu.add_mig("3g.40gb", 40 * GiB, memory_free=38 * GiB)
+    return gpu
+
+
+def test_mig_instances_are_devices_of_their_own() -> None:
+    parent = _mig_a100()
+    first, second = parent.mig_instances
+    assert first is not None and second is not None
+    nvml, torch_cuda = fake_machine([v100(), parent], order=[2, 0, 1])  # torch: 2nd, V100, 1st
+    info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    assert [d.id for d in info.devices] == ["cuda:0", "cuda:1", "cuda:2", "cpu"]
+    by_uuid = {d.uuid: d for d in info.gpus}
+    assert parent.uuid not in by_uuid  # the GPU itself is not a device to run on
+    one, two = by_uuid[first.uuid], by_uuid[second.uuid]
+    assert (one.id, one.index, one.nvml_index, one.mig_index) == ("cuda:2", 2, 1, 0)
+    assert (two.id, two.index, two.nvml_index, two.mig_index) == ("cuda:0", 0, 1, 1)
+    for instance, free in ((one, 39 * GiB), (two, 38 * GiB)):
+        assert instance.mig and instance.parent_uuid == parent.uuid
+        assert instance.name == "NVIDIA A100-SXM4-80GB MIG 3g.40gb"
+        assert instance.gpu_type == "a100"
+        assert (instance.memory_total_bytes, instance.memory_free_bytes) == (40 * GiB, free)
+        assert instance.compute_capability == (8, 0) and instance.supports_bf16
+        assert not instance.energy_supported  # NVML's counter is board-wide
+        assert (instance.uuid or "").startswith("MIG-")
+    whole = by_uuid[nvml.gpus[0].uuid]
+    assert (whole.id, whole.mig, whole.energy_supported) == ("cuda:1", False, True)
+    data = json.loads(json.dumps(info.to_dict()))
+    assert [d["mig"] for d in data["devices"]] == [True, False, True, False]
+
+
+def test_mig_instance_torch_does_not_enumerate_is_unusable() -> None:
+    parent = _mig_a100()
+    first, second = parent.mig_instances
+    assert first is not None and second is not None
+    nvml = FakeNvml(gpus=[parent])
+    info = discover(Nvml(nvml), torch_cuda=FakeTorchCuda.seeing([second]))
+    (used,) = info.gpus
+    assert (used.id, used.uuid, used.mig_index) == ("cuda:0", second.uuid, 1)
+    (skipped,) = info.unusable_gpus
+    assert (skipped.id, skipped.mig, skipped.uuid) == ("nvml:0:mig:0", True, first.uuid)
+    assert f"CUDA_VISIBLE_DEVICES={first.uuid}" in (skipped.unusable_reason or "")
+    with pytest.raises(DeviceError, match="MIG instance"):
+        info.device("nvml:0:mig:0")
+
+
+def test_mig_name_fallback_and_empty_slots() -> None:
+    parent = a100()
+    instance = parent.add_mig("1g.10gb", 10 * GiB, name="NVIDIA A100-SXM4-80GB")
+    parent.mig_instances.insert(0, None)  # slot 0 empty: NVML says NOT_FOUND
+    info = discover(Nvml(FakeNvml(gpus=[parent])), torch_cuda=FakeTorchCuda.seeing([instance]))
+    (gpu,) = info.gpus
+    assert (gpu.name, gpu.mig_index, gpu.memory_total_bytes) == (
+        "NVIDIA A100-SXM4-80GB MIG",
+        1,
+        10 * GiB,
+    )
+
+
+def test_mig_mode_without_instances_lists_the_gpu_with_the_reason() -> None:
+    parent = a100(mig_mode=(1, 1))
+    info = discover(Nvml(FakeNvml(gpus=[parent])), torch_cuda=FakeTorchCuda())
+    (gpu,) = info.unusable_gpus
+    assert (gpu.id, gpu.mig, gpu.uuid, gpu.energy_supported) == (
+        "nvml:0",
+        False,
+        parent.uuid,
+        False,
+    )
+    assert "MIG mode is enabled but no MIG instance is configured" in (gpu.unusable_reason or "")
+    assert "MIG mode is enabled" in (info.cpu_fallback_reason or "")
+
+
+def test_mig_pending_is_not_enabled() -> None:
+    gpu = a100(mig_mode=(0, 1))  # enabled after the next reset: still a whole GPU now
+    nvml, torch_cuda = fake_machine([gpu])
+    (found,) = discover(Nvml(nvml), torch_cuda=torch_cuda).gpus
+    assert (found.id, found.mig, found.uuid) == ("cuda:0", False, gpu.uuid)
+
+
+def test_cuda_visible_devices_names_a_mig_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = _mig_a100()
+    _, second = parent.mig_instances
+    assert second is not None and second.uuid is not None
+    other = v100()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", second.uuid)
+    info = discover(Nvml(FakeNvml(gpus=[other, parent])), torch_cuda=FakeTorchCuda.seeing([second]))
+    assert [(d.id, d.uuid) for d in info.devices[:-1]] == [("cuda:0", second.uuid)]
+
+
+def test_nvml_mig_helpers() -> None:
+    parent = _mig_a100()
+    nvml = Nvml(FakeNvml(gpus=[v100(), parent]))
+    assert not nvml.mig_enabled(0) and nvml.mig_handles(0) == []  # no MIG on a V100
+    assert nvml.mig_enabled(1)
+    handles = nvml.mig_handles(1)
+    assert [k for k, _ in handles] == [0, 1]
+    handle = handles[0][1]
+    assert nvml.uuid_of(handle) == parent.mig_instances[0].uuid  # type: ignore[union-attr]
+    assert nvml.memory_info_of(handle) == (40 * GiB, 39 * GiB)
+    assert nvml.name_of(handle) == "NVIDIA A100-SXM4-80GB MIG 3g.40gb"
+    assert nvml.compute_capability_of(handle) == (8, 0)
+    assert nvml.mig_handle(1, 5) is None  # empty slot: None, not an exception
+    assert nvml.mig_handle(7, 0) is None
+    assert nvml.name_of(None) is None and nvml.memory_info_of(None) is None
+    assert nvml.memory_info(1) == (80 * GiB, 79 * GiB)  # the whole GPU by its index
+
+
+def test_nvml_without_mig_functions_sees_no_mig() -> None:
+    class OldNvml(FakeNvml):
+        def __getattribute__(self, name: str) -> object:
+            if "Mig" in name:
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    gpu = a100(mig_mode=(1, 1))
+    nvml = Nvml(OldNvml(gpus=[gpu]))
+    assert not nvml.mig_enabled(0)
+    (found,) = discover(nvml, torch_cuda=FakeTorchCuda.seeing([gpu])).gpus
+    assert found.uuid == gpu.uuid
+
+
 # --------------------------------------------------------------------------- CUDA order
 
 
 def test_cuda_visible_devices_indices(monkeypatch: pytest.MonkeyPatch, fake: FakeNvml) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    (only,) = discover(Nvml(fake)).gpus
+    torch_cuda = FakeTorchCuda.seeing(fake.gpus, order=[1])  # CUDA honours the mask too
+    (only,) = discover(Nvml(fake), torch_cuda=torch_cuda).devices[:-1]
     assert (only.id, only.index, only.nvml_index, only.gpu_type) == ("cuda:0", 0, 1, "a100")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert discover(Nvml(fake)).gpus == ()
+    info = discover(Nvml(fake), torch_cuda=FakeTorchCuda())
+    assert info.gpus == () and info.unusable_gpus == ()
+    assert info.cpu_fallback_reason == "CUDA_VISIBLE_DEVICES='' hides the 2 GPUs NVML sees"
 
 
 def test_cuda_visible_devices_override_and_uuid(fake: FakeNvml) -> None:
     a_uuid = fake.gpus[1].uuid
     assert a_uuid is not None
-    gpus = discover(Nvml(fake), cuda_visible_devices=f"{a_uuid[:12]},0").gpus
+    torch_cuda = FakeTorchCuda.seeing(fake.gpus, order=[1, 0])
+    gpus = discover(Nvml(fake), cuda_visible_devices=f"{a_uuid[:12]},0", torch_cuda=torch_cuda).gpus
     assert [(d.id, d.nvml_index, d.gpu_type) for d in gpus] == [
         ("cuda:0", 1, "a100"),
         ("cuda:1", 0, "v100"),
@@ -476,7 +872,9 @@ def test_memory_bandwidth_per_device(
     )  # fmt: skip
     assert memory_bandwidth_gbps(unknown) is None
     a100_40gb = a100(name="NVIDIA A100-SXM4-40GB", memory_total=40 * GiB, memory_free=39 * GiB)
-    small_a100 = discover(Nvml(FakeNvml(gpus=[a100_40gb])))
+    small_a100 = discover(
+        Nvml(FakeNvml(gpus=[a100_40gb])), torch_cuda=FakeTorchCuda.seeing([a100_40gb])
+    )
     assert memory_bandwidth_gbps(small_a100.gpus[0]) == 1555.0
 
 

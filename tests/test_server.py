@@ -316,7 +316,7 @@ def test_unloadable_model_is_409(missing_registry: Path) -> None:
 @pytest.fixture()
 def small_queue(registry_path: Path) -> Iterator[tuple[Engine, httpx.Client]]:
     """A server whose engine runs one job at a time and queues at most one more."""
-    with Engine(registry_path, devices=["cpu"]) as eng:
+    with Engine(registry_path, devices=["cpu"], batch_size=1) as eng:
         app = create_app(eng, token=TOKEN, max_queue=1)
         with running_server(app) as url, httpx.Client(base_url=url, headers=AUTH,
                                                       timeout=120) as c:
@@ -417,7 +417,8 @@ def test_models_load_and_evict(client: httpx.Client) -> None:
 def test_hardware_is_info_json(client: httpx.Client) -> None:
     served = client.get("/v1/hardware").json()
     local = discover().to_dict()
-    assert set(served) == set(local)
+    assert set(served) == set(local) | {"fast_paths"}
+    assert isinstance(served["fast_paths"], list)
     assert [d["id"] for d in served["devices"]] == [d["id"] for d in local["devices"]]
     assert served["torch_version"] == local["torch_version"]
 

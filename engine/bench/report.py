@@ -190,6 +190,9 @@ class Report(_Model):
     offline: list[OfflinePoint] = Field(default_factory=list)
     checks: Checks
     notes: list[str] = Field(default_factory=list)
+    # The fast path's decoders (engine.tasks.static_decode.DecoderStats): warm-up seconds,
+    # captures and replays per model, dtype and cache-length bucket.
+    fast_paths: list[dict[str, Any]] = Field(default_factory=list)
 
     def single_runs(self) -> list[RunRecord]:
         """Every measured single-stream run (the raw data a cost model is fitted on)."""

@@ -461,6 +461,7 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
             single = bench.single() if "single" in config.scenarios else []
             offline = bench.offline() if "offline" in config.scenarios else []
             torch_threads = torch.get_num_threads()
+            fast_paths = [stats.to_dict() for stats in engine.fast_paths()]
         finally:
             engine.close()
             bar.close()
@@ -500,6 +501,9 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
                       "(offline); requests/s likewise",
         "peak memory": "the meter's peak_memory_bytes: CUDA max allocated on a GPU, growth of "
                        "the process's resident memory during the job on the CPU",
+        "fast-path warm-up": "each decode-step capture (per model, dtype and cache-length "
+                             "bucket) happens before a job's clock starts, billed to no job; "
+                             "fast_paths lists each with its warm-up seconds",
         "offline batching": "B jobs submitted at once to Engine(batch_size=B), which gathers "
                             "them into one left-padded decode batch (the engine's own "
                             "batching); the batch size each job ran in is read from its "
@@ -508,7 +512,7 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
     return Report(created_at=created, duration_seconds=time.perf_counter() - started,
                   environment=env, config=config, policy=policy, roofline=bench.roofline,
                   load=load, single_stream=single, offline=offline,
-                  checks=_checks(single, offline), notes=notes)
+                  checks=_checks(single, offline), notes=notes, fast_paths=fast_paths)
 
 
 def merge_reports(reports: Sequence[Report]) -> Report:

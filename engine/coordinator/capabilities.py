@@ -65,7 +65,7 @@ def _fits(spec: ModelSpec, gpus: tuple[Device, ...]) -> bool:
 def runnable_models(specs: Iterable[ModelSpec], devices: Iterable[Device],
                     is_available: IsAvailable) -> tuple[str, ...]:
     """Names of the registry models whose weights are here and that fit these devices."""
-    gpus = tuple(d for d in devices if d.kind == "cuda")
+    gpus = tuple(d for d in devices if d.kind == "cuda" and d.usable)
     return tuple(sorted(s.name for s in specs if _fits(s, gpus) and is_available(s)))
 
 
@@ -73,9 +73,12 @@ def detect_capabilities(hardware: HardwareInfo, specs: Iterable[ModelSpec], *,
                         devices: Iterable[Device] | None = None, is_available: IsAvailable,
                         max_concurrent: int = 1, price_per_hour: float = 0.0,
                         location: str | None = None) -> Capabilities:
-    """Capabilities of the ``devices`` the engine uses (default: every discovered device)."""
-    chosen = tuple(devices) if devices is not None else hardware.devices
-    gpus = tuple(d for d in chosen if d.kind == "cuda")
+    """Capabilities of the ``devices`` the engine uses (default: every usable device).
+
+    A GPU that torch cannot drive is never announced: the engine would not run on it.
+    """
+    chosen = tuple(devices) if devices is not None else (*hardware.gpus, hardware.cpu)
+    gpus = tuple(d for d in chosen if d.kind == "cuda" and d.usable)
     types = [d.gpu_type for d in gpus if d.gpu_type]
     gpu_type = max(set(types), key=types.count) if types else "cpu"
     return Capabilities(

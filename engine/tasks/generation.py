@@ -26,13 +26,14 @@ from engine.hashing import effective_seed
 from engine.jobs import GenerationOutput, GenerationParams, Job
 from engine.loading import LoadedModel
 from engine.metering import MeterWindow
+from engine.sampling import Sampler
 
 NO_DEADLINE = float("inf")
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRequest:
-    """One job in a decode batch, with its window, deadline and cancel flag."""
+    """One job in a decode batch, with its window, deadline and cancel flag (hashed by identity)."""
 
     job: Job
     window: MeterWindow | None = None
@@ -42,15 +43,47 @@ class GenerationRequest:
 
 
 @dataclass
-class _Row:
+class Row:
+    """One job's decoding state: its token chooser, the tokens so far, why it ended."""
+
     request: GenerationRequest
     params: GenerationParams
-    generator: torch.Generator | None
+    sampler: Sampler
     generated: list[int] = field(default_factory=list)
     finish: Literal["eos", "stop", "length"] | None = None
     text: str = ""
     error: Exception | None = None
-    seen: torch.Tensor | None = None  # token ids for the repetition penalty
+
+    @classmethod
+    def start(cls, loaded: LoadedModel, request: GenerationRequest) -> Row:
+        """A fresh row for ``request`` (its prompt ids set)."""
+        job = request.job
+        sampler = Sampler(job.params, effective_seed(job), request.prompt_ids,
+                          where=where(loaded))
+        return cls(request, job.params, sampler)
+
+    def take(self, token: int, tokenizer: Any, eos: set[int]) -> None:
+        """Append a chosen token: stamp the job's clock and apply the stop rule."""
+        self.generated.append(token)
+        if self.request.window is not None:
+            self.request.window.token()
+        check_stop(self, tokenizer, eos)
+
+    def outcome(self, tokenizer: Any) -> Outcome:
+        """The row's output (or the error that ended it); stops the job's clock."""
+        if self.request.window is not None:
+            self.request.window.stop()
+        if self.error is not None:
+            return self.error
+        text = self.text if self.finish == "stop" else tokenizer.decode(
+            self.generated, skip_special_tokens=True)
+        return GenerationOutput(text=text, token_ids=self.generated,
+                                finish_reason=self.finish or "length")
+
+
+def where(loaded: LoadedModel) -> str:
+    """``"float16 on cuda:0"``: the dtype and devices of a model, for error messages."""
+    return f"{loaded.dtype_name} on {'+'.join(d.id for d in loaded.devices)}"
 
 
 def encode_prompt(loaded: LoadedModel, job: Job) -> list[int]:
@@ -83,52 +116,19 @@ def encode_prompt(loaded: LoadedModel, job: Job) -> list[int]:
     return ids
 
 
-def _make_generator(job: Job) -> torch.Generator | None:
-    seed = effective_seed(job)
-    if seed is None:
-        return None
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    return g
-
-
-def _pick(row: _Row, logits: torch.Tensor) -> int:
-    """Choose the row's next token from its float32 logits (1-D, on any device)."""
-    p = row.params
-    if p.repetition_penalty != 1.0 and row.seen is not None:
-        seen = row.seen.to(logits.device)
-        scores = logits.gather(0, seen)
-        scores = torch.where(scores < 0, scores * p.repetition_penalty,
-                             scores / p.repetition_penalty)
-        logits = logits.scatter(0, seen, scores)
-    if p.greedy:
-        return int(torch.argmax(logits).item())
-    logits = logits.to("cpu") / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= (1.0 - p.top_p)
-        drop[-1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=row.generator).item())
-
-
-def _accepts(model: Any, keyword: str) -> bool:
+def accepts(model: Any, keyword: str) -> bool:
+    """Whether the model's forward takes ``keyword``."""
     import inspect
 
     return keyword in inspect.signature(model.forward).parameters
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     """The forward keyword for the KV cache: ``cache`` in newer transformers, else the old name."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+    return "cache" if accepts(model, "cache") else "past_key_values"
 
 
-def _check_stop(row: _Row, tokenizer: Any, eos: set[int]) -> None:
+def check_stop(row: Row, tokenizer: Any, eos: set[int]) -> None:
     last = row.generated[-1]
     if last in eos:
         row.finish = "eos"
@@ -144,7 +144,8 @@ def _check_stop(row: _Row, tokenizer: Any, eos: set[int]) -> None:
         row.finish = "length"
 
 
-def _check_alive(rows: Sequence[_Row]) -> None:
+def check_alive(rows: Sequence[Row]) -> None:
+    """Mark rows whose job was cancelled or passed its deadline."""
     now = time.monotonic()
     for row in rows:
         if row.error is not None or row.finish is not None:
@@ -189,12 +190,12 @@ class DecodeBatch:
         self._eos = loaded.eos_token_ids()
         vocab = int(self._model.config.vocab_size)
         self._pad = next((e for e in sorted(self._eos) if e < vocab), 0)  # masked out anyway
-        self._cache_arg = _cache_argument(self._model)
+        self._cache_arg = cache_argument(self._model)
         # Only the last position's logits are needed: skip the LM head elsewhere in prefill.
-        self._last_only = {"logits_to_keep": 1} if _accepts(self._model, "logits_to_keep") \
+        self._last_only = {"logits_to_keep": 1} if accepts(self._model, "logits_to_keep") \
             else {}
         self._new_cache = lambda: DynamicCache(config=self._model.config)
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self._cache: Any = None
         self._mergeable = True  # settled by the first cache: plain per-layer KV tensors
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
@@ -215,12 +216,10 @@ class DecodeBatch:
         Returns the requests that ended already (first token was the last, or
         cancelled, or past the deadline) with their outcomes.
         """
-        rows = [_Row(r, r.job.params, _make_generator(r.job)) for r in requests]
-        for row in rows:
-            if row.params.repetition_penalty != 1.0:
-                row.seen = torch.tensor(row.request.prompt_ids, dtype=torch.long)
-        _check_alive(rows)
-        ended = [(row.request, self._outcome(row)) for row in rows if row.error is not None]
+        rows = [Row.start(self.loaded, r) for r in requests]
+        check_alive(rows)
+        ended = [(row.request, row.outcome(self.loaded.tokenizer)) for row in rows
+                 if row.error is not None]
         rows = [row for row in rows if row.error is None]
         if not rows:
             return ended
@@ -268,20 +267,15 @@ class DecodeBatch:
         return held
 
     # ------------------------------------------------------------ internals
-    def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+    def _choose(self, rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
         tokenizer = self.loaded.tokenizer
-        chosen = [_pick(row, logits[j]) for j, row in enumerate(rows)]
+        chosen = [row.sampler.choose(logits[j]) for j, row in enumerate(rows)]
         for row, token in zip(rows, chosen, strict=True):
-            row.generated.append(token)
-            if row.request.window is not None:
-                row.request.window.token()
-            if row.seen is not None:
-                row.seen = torch.cat([row.seen, torch.tensor([token])])
-            _check_stop(row, tokenizer, self._eos)
-        _check_alive(rows)
+            row.take(token, tokenizer, self._eos)
+        check_alive(rows)
         return chosen
 
-    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor,
+    def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor,
                positions: torch.Tensor, chosen: list[int]) -> None:
         if not self.rows:
             from transformers.cache_utils import DynamicLayer
@@ -306,16 +300,15 @@ class DecodeBatch:
         done = [j for j, row in enumerate(self.rows) if row.finish or row.error]
         if not done:
             return []
-        ended = [(self.rows[j].request, self._outcome(self.rows[j])) for j in done]
+        tokenizer = self.loaded.tokenizer
+        ended = [(self.rows[j].request, self.rows[j].outcome(tokenizer)) for j in done]
         keep = [j for j in range(len(self.rows)) if j not in set(done)]
         self.rows = [self.rows[j] for j in keep]
         self._pending = [self._pending[j] for j in keep]
         if not keep:
             self._cache = None
             return ended
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions = self._mask[index], self._positions[index]
+        self._mask, self._positions = select_rows(self._cache, self._mask, self._positions, keep)
         # Columns that are padding for every remaining row cost attention work: cut them.
         first = int(self._mask.any(0).nonzero()[0].item())
         if first > 0 and self.mergeable:
@@ -325,15 +318,30 @@ class DecodeBatch:
             self._mask = self._mask[:, first:]
         return ended
 
-    def _outcome(self, row: _Row) -> Outcome:
-        if row.request.window is not None:
-            row.request.window.stop()
-        if row.error is not None:
-            return row.error
-        text = row.text if row.finish == "stop" else self.loaded.tokenizer.decode(
-            row.generated, skip_special_tokens=True)
-        return GenerationOutput(text=text, token_ids=row.generated,
-                                finish_reason=row.finish or "length")
+
+def select_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor,
+                keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only rows ``keep`` of a KV cache and its mask and positions.
+
+    Each layer is indexed with an index on that layer's own device: a model
+    placed over several GPUs keeps its later layers' cache on later GPUs.
+    Returns the new mask and positions (the cache changes in place).
+    """
+    index = torch.tensor(list(keep), dtype=torch.long)
+    on: dict[torch.device, torch.Tensor] = {}
+
+    def local(device: torch.device) -> torch.Tensor:
+        if device not in on:
+            on[device] = index.to(device)
+        return on[device]
+
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None:
+            continue
+        layer.keys = layer.keys.index_select(0, local(layer.keys.device))
+        layer.values = layer.values.index_select(0, local(layer.values.device))
+    return (mask.index_select(0, local(mask.device)),
+            positions.index_select(0, local(positions.device)))
 
 
 def generate(loaded: LoadedModel, requests: Sequence[GenerationRequest]) -> list[Outcome]:
