@@ -9,7 +9,7 @@ job run in-process with ``Engine.run`` one at a time, so the HTTP cost shows
 as a ratio. Warm-up requests are sent first and not measured.
 
     python benchmarks/server_load.py [--duration 30] [--concurrency 8] [--max-requests 5000]
-                                     [--max-tokens 8] [--batch-size 1] [--json]
+                                     [--max-tokens 8] [--batch-size N] [--json]
 """
 
 from __future__ import annotations
@@ -56,13 +56,14 @@ def job(n: int, max_tokens: int) -> dict[str, Any]:
             "max_tokens": max_tokens, "temperature": 0.0}
 
 
-def start_server(registry: Path, token: str, state: Path, batch_size: int,
+def start_server(registry: Path, token: str, state: Path, batch_size: int | None,
                  max_queue: int) -> tuple[subprocess.Popen[str], str, list[str]]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", "serve", "--registry", str(registry), "--device", "cpu",
          "--port", "0", "--token", token, "--state-dir", str(state), "--preload", "tiny-gpt2",
-         "--batch-size", str(batch_size), "--max-queue", str(max_queue)],
+         *(["--batch-size", str(batch_size)] if batch_size else []),
+         "--max-queue", str(max_queue)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     assert proc.stderr is not None
     lines: list[str] = []
@@ -169,8 +170,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-requests", type=int, default=5000, help="request bound")
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="the server's --batch-size (1: one job at a time)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the server's --batch-size (default: the server's own, 8 on the "
+                             "CPU; 1: one job at a time)")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--baseline-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary too")
@@ -201,7 +203,7 @@ def main() -> int:
     summary = {
         "scenario": f"loopback, concurrency {args.concurrency}, POST /v1/jobs wait=true, "
                     f"tiny-gpt2 (2 layers) greedy {args.max_tokens} tokens, server batch size "
-                    f"{args.batch_size}, CPU",
+                    f"{args.batch_size or 'default'}, CPU",
         "requests": run["requests"], "elapsed_seconds": round(run["elapsed_seconds"], 2),
         "requests_per_second": round(rps, 2),
         "latency_ms": {"p50": percentile(lat, 50) * 1000, "p90": percentile(lat, 90) * 1000,
