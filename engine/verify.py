@@ -518,8 +518,10 @@ class Verifier:
         with self._lock:
             eng = self._engines.get(key)
             if eng is None:
+                # Unbatched: an exact re-run must not share a step with other re-runs.
                 eng = Engine(self.registry, hardware=self.hardware, devices=[self.device_id],
-                             pool=self.pool, weights=profile.weights, dtype=profile.dtype)
+                             pool=self.pool, weights=profile.weights, dtype=profile.dtype,
+                             batch_size=1)
                 self._engines[key] = eng
         return eng
 
