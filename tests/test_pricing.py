@@ -195,8 +195,8 @@ def test_pricing_and_reports_do_not_import_torch() -> None:
     import engine
 
     root = Path(engine.__file__).parent
-    allowed = {"engine.base", "engine.errors", "engine.hardware", "engine.pricing", "engine.bench.report",
-               "engine.bench.roofline", "engine.bench.stats"}
+    allowed = {"engine.base", "engine.errors", "engine.hardware", "engine.pricing",
+               "engine.bench.report", "engine.bench.roofline", "engine.bench.stats"}
     for rel in ("pricing.py", "bench/report.py", "bench/roofline.py", "bench/stats.py"):
         tree = ast.parse((root / rel).read_text())
         for node in ast.walk(tree):
