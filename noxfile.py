@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint (ruff), typecheck (mypy), bench (benchmarks)."""
+"""nox sessions: tests, fast (not slow), lint (ruff, import contract), typecheck, bench."""
 
 from __future__ import annotations
 
@@ -22,10 +22,19 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def fast(session: nox.Session) -> None:
+    """The fast lane for local work: the suite without the tests marked slow."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests and benchmarks."""
-    session.install("ruff>=0.6")
+    """ruff over the package, tests and benchmarks; the import-layer contract (lint-imports,
+    [tool.importlinter] in pyproject.toml: the house's layers, no circles, no upward import)."""
+    session.install("ruff>=0.6", "import-linter>=2.13")
     session.run("ruff", "check", "engine", "tests", "benchmarks", "noxfile.py")
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session

@@ -338,7 +338,7 @@ def check_fastpath(ctx: Ctx) -> str:
 
 def check_throughput(ctx: Ctx) -> str:
     """Decode tok/s at batch 1 (fast path) and batch 8, against the HBM roofline."""
-    from engine.hardware import memory_bandwidth_gbps
+    from engine.bench.bandwidth import memory_bandwidth_gbps
 
     dtypes = ["float32"] if not ctx.gpu else (
         ["float16"] + (["bfloat16"] if ctx.dev.supports_bf16 else []))

@@ -6,8 +6,15 @@
    counts (``engine.bench``) and writes the report (the profile) to ``--out``.
 2. Runs held-out shapes (prompt and output lengths that are not in the grid)
    through the engine.
-3. Fits the cost model on the profile alone (``engine.pricing.load_profile``) and
-   compares each held-out job's median measured execution time with its estimate.
+3. Reads the cost model the benchmark fitted and stored in the profile
+   (``engine.pricing.load_profile``) and compares each held-out job's median
+   measured execution time with its estimate, passing the configuration the
+   held-out jobs ran in (``engine.bench.run_config``): the estimate warns when
+   it differs from the profile's.
+
+Profile and held-out jobs run in the configuration ``run`` uses (torch's
+default thread count, the engine's default batch size and decode path);
+``--threads N`` pins both to N threads.
 
 Steps 1 and 2 run in ``--rounds`` rounds (profile grid, then each held-out job
 once), so that on a machine shared with other work the profile and the
@@ -50,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--registry", default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 keeps timings steady on a shared CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the profile and the held-out jobs (default: "
+                             "torch's, as run uses; 1 keeps timings steady on a shared CPU)")
     parser.add_argument("--prompt-tokens", type=_ints, default=[16, 64, 256])
     parser.add_argument("--new-tokens", type=_ints, default=[8, 32, 96])
     parser.add_argument("--min-runs", type=int, default=1, help="grid runs per point per round")
@@ -68,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.bench.report import BenchConfig, write_report
+    from engine.bench.report import BenchConfig, RunConfig, write_report
+    from engine.bench.run_config import recorded_run_config
     from engine.bench.scenarios import make_prompt_ids, merge_reports, run_bench
     from engine.executor import Engine
     from engine.jobs import GenerationParams, Job
@@ -80,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"held-out shapes {overlap} are in the profile grid")
     started = time.perf_counter()
     load_before = os.getloadavg()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else None
+    held_out_config: RunConfig | None = None
     reports = []
     times: dict[tuple[int, int], list[float]] = {s: [] for s in args.held_out}
     finishes: dict[tuple[int, int], set[str]] = {s: set() for s in args.held_out}
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         # The held-out jobs run like the grid did: a freshly loaded model, one warm-up run.
         with Engine(args.registry, devices=devices, weights=args.weights) as engine:
             loaded = engine.load(args.model)
+            held_out_config = recorded_run_config(engine, loaded)
             avoid = set(loaded.eos_token_ids()) | set(
                 getattr(loaded.tokenizer, "all_special_ids", None) or [])
             vocab = int(loaded.model.config.vocab_size)
@@ -121,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
           f"ms/prompt token + {1000 * fit.decode_seconds_per_token:.2f} ms/output token; fit "
           f"RMSE {fit.rmse_seconds:.4f} s, max rel. error {100 * fit.max_relative_error:.1f}%")
     rows = []
+    warnings: list[str] = []
     for p, n in args.held_out:
         actual = statistics.median(times[(p, n)])
-        est = estimate(profile, prompt_tokens=p, max_tokens=n, price_per_hour=0.05)
+        est = estimate(profile, prompt_tokens=p, max_tokens=n, price_per_hour=0.05,
+                       run_config=held_out_config)
+        warnings = est.warnings
         rows.append({"prompt_tokens": p, "max_tokens": n, "runs": len(times[(p, n)]),
                      "estimated_seconds": est.estimated_time, "actual_seconds": actual,
                      "relative_error": abs(est.estimated_time - actual) / actual,
@@ -140,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * r['relative_error']:.1f}% | {r['finish']} |")
     ok = median <= args.median_target and worst <= args.worst_target
     print(f"\nload average (1 min) {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the "
-          f"end, on {os.cpu_count()} CPU(s); torch threads {args.threads}")
+          f"end, on {os.cpu_count()} CPU(s); torch threads {torch.get_num_threads()}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     print(f"\nmedian relative error {100 * median:.1f}% "
           f"(target <= {100 * args.median_target:.0f}%), worst {100 * worst:.1f}% "
           f"(target <= {100 * args.worst_target:.0f}%): "
@@ -148,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "price_accuracy.json").write_text(json.dumps(
         {"rows": rows, "median_relative_error": median, "worst_relative_error": worst,
          "load_average": [load_before[0], load_after[0]],
-         "cost_model": fit.model_dump(), "pass": ok}, indent=2) + "\n")
+         "cost_model": fit.model_dump(),
+         "run_config": held_out_config.model_dump() if held_out_config else None,
+         "warnings": warnings, "pass": ok}, indent=2) + "\n")
     return 0 if ok else 1
 
 

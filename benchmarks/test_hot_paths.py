@@ -16,8 +16,9 @@ import pytest
 
 from engine.hardware import discover
 from engine.hashing import canonical_bytes, result_hash
-from engine.jobs import EmbeddingOutput, GenerationOutput, Job, parse_payload
+from engine.jobs import EmbeddingOutput, GenerationOutput, Job
 from engine.metering import Meter
+from engine.payloads import parse_payload
 from engine.pool import ModelPool
 from engine.registry import Registry
 

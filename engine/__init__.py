@@ -10,7 +10,8 @@ Typical use by miner software::
 
 from engine.errors import EngineError
 from engine.executor import Engine, JobHandle
-from engine.jobs import Job, JobResult, Metrics, parse_payload
+from engine.jobs import Job, JobResult, Metrics
+from engine.payloads import parse_payload
 from engine.registry import ModelSpec, Registry
 
 __all__ = [

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
+from engine.options import FLAGS, RunOptions
 
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli_bench",
@@ -49,31 +50,34 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                              "GPUs, dynamic cache on the CPU")
 
 
-def build_engine(args: argparse.Namespace, **options: Any) -> Any:
-    """An :class:`~engine.Engine` configured from the shared options."""
+def run_options(args: argparse.Namespace, flags: Mapping[str, str] = FLAGS,
+                **values: Any) -> RunOptions:
+    """The shared engine options of ``args`` with ``values``, checked.
+
+    An out-of-range value raises :class:`~engine.options.OptionError` (code
+    ``usage``) naming the option as ``flags`` spells it.
+    """
+    return RunOptions.check(flags, decode=getattr(args, "decode", "auto"),
+                            dtype=getattr(args, "dtype", None),
+                            weights=getattr(args, "weights", "pretrained"), **values)
+
+
+def build_engine(args: argparse.Namespace, options: RunOptions) -> Any:
+    """An :class:`~engine.Engine` on ``args``' registry and device, run as ``options`` say."""
     from engine.executor import Engine
 
     devices = [args.device] if getattr(args, "device", None) else None
-    options.setdefault("decode", getattr(args, "decode", "auto"))
-    return Engine(getattr(args, "registry", None), devices=devices,
-                  weights=getattr(args, "weights", "pretrained"),
-                  dtype=getattr(args, "dtype", None), **options)
+    return Engine(getattr(args, "registry", None), devices=devices, **options.engine_kwargs())
 
 
 # ------------------------------------------------------------------ models
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from engine.loading import availability
+    from engine.inventory import model_rows
     from engine.registry import Registry
 
     registry = Registry.load(args.registry)
-    rows = []
-    for spec in registry:
-        found = availability(spec)
-        rows.append({"name": spec.name, "task": spec.task, "architecture": spec.architecture,
-                     "parameters": spec.parameters, "context_length": spec.context_length,
-                     "gpu_count": spec.gpu_count, "min_gpu_memory_mb": spec.min_gpu_memory_mb,
-                     "source": spec.source.describe(), **found.to_dict()})
+    rows = [row.model_dump() for row in model_rows(registry)]
     if args.json:
         print(json.dumps({"registry": str(registry.path), "models": rows}, indent=2))
         return 0
@@ -101,29 +105,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from engine.hardware import discover
-    from engine.kernels.rowgemm import blas_requested, kernel_status
+    from engine.inventory import cpu_linear_kernel, hardware_document
 
-    info = discover()
-    kernel = kernel_status()
-    in_use = kernel.available and not blas_requested()
     if args.json:
-        doc = info.to_dict()
-        doc["cpu_linear_kernel"] = {"available": kernel.available, "in_use": in_use,
-                                    "reason": kernel.reason}
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(hardware_document(), indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
+    info = discover()
+    kernel = cpu_linear_kernel()
     console = Console()
     console.print(f"python {info.python_version}, torch {info.torch_version}, "
                   f"transformers {info.transformers_version}")
     console.print(f"NVIDIA driver {info.driver_version or '-'}, CUDA {info.cuda_version or '-'}"
                   + ("" if info.nvml_available else f" (NVML not used: {info.nvml_error})"))
     console.print("CPU linear layers: " + (
-        f"the row-invariant kernel ({kernel.reason})" if in_use else
-        "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel.available else
-        f"torch's BLAS ({kernel.reason})"))
+        f"the row-invariant kernel ({kernel['reason']})" if kernel["in_use"] else
+        "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel["available"] else
+        f"torch's BLAS ({kernel['reason']})"))
     table = Table(title="devices")
     for col in ("id", "name", "type", "memory", "free", "compute", "energy counter", "usable"):
         table.add_column(col)
@@ -157,7 +157,7 @@ def _read_job_file(path: str) -> bytes:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine.jobs import parse_payload
+    from engine.payloads import parse_payload
 
     if args.job:
         if args.model or args.prompt is not None:
@@ -178,7 +178,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             params["stop"] = args.stop
         job = parse_payload({"model": args.model, "task": "text-generation",
                              "prompt": args.prompt, "params": params})
-    with build_engine(args, job_timeout=args.timeout) as engine:
+    options = run_options(args, {**FLAGS, "job_timeout": "--timeout"}, job_timeout=args.timeout)
+    with build_engine(args, options) as engine:
         result = engine.run(job)
     if args.json:
         print(result.to_json())
@@ -263,6 +264,8 @@ def _configure_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aitbc-engine`` and ``python -m engine``; returns the exit status."""
+    # A write for the tokenizers library (it reads the variable itself), not a setting the
+    # engine reads: so it stays an os.environ write, outside engine.settings.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.hardware import ensure_pci_bus_order
 

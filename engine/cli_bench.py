@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.bench.report import RunConfig
+    from engine.pricing import Estimate, Profile
 
 
 def _ints(text: str) -> list[int]:
@@ -27,32 +31,40 @@ def _scenarios(text: str) -> list[str]:
     return names
 
 
+# flag, type, help: the grid and repeat options of `bench` (default None: BenchConfig's).
+_BENCH_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--scenario", _scenarios, "comma-separated: load,single,offline (default: all)"),
+    ("--prompt-tokens", _ints, "single-stream prompt lengths (default 32,128,512)"),
+    ("--new-tokens", _ints, "single-stream new-token counts (default 32,128)"),
+    ("--batch-sizes", _ints, "offline batch sizes (default 1,2,4,8)"),
+    ("--min-runs", int, "measured runs per point, at least"),
+    ("--min-seconds", float, "measured seconds per point, at least"),
+    ("--warmup-runs", int, "discarded runs before each point (default 1)"),
+    ("--threads", int, "torch intra-op threads on CPU (default: torch's, as run, serve and mine "
+                       "use; the report records it and price warns when jobs run with another)"),
+    ("--batch-size", int, "batch size of the single-stream engine (default: the engine's, as "
+                          "run, serve and mine use)"),
+)
+_CONFIG_KEYS = {"scenario": "scenarios"}  # option dest -> BenchConfig field, where they differ
+
+
+def _add_registry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", type=Path, default=None,
+                   help="model registry file (default: $AITBC_ENGINE_REGISTRY or the "
+                        "packaged models.yaml)")
+
+
 def register(subparsers: Any) -> None:
     """Add the ``bench`` and ``price`` subcommands."""
     from engine.cli import add_engine_options
 
     p = subparsers.add_parser("bench", help="benchmark a model: load, single stream, offline "
                                             "batches; writes report.json, report.md, plots")
-    p.add_argument("--registry", type=Path, default=None,
-                   help="model registry file (default: $AITBC_ENGINE_REGISTRY or the "
-                        "packaged models.yaml)")
+    _add_registry(p)
     add_engine_options(p)
     p.add_argument("model", help="registry name of the model")
-    p.add_argument("--scenario", type=_scenarios, default=None,
-                   help="comma-separated: load,single,offline (default: all)")
-    p.add_argument("--prompt-tokens", type=_ints, default=None,
-                   help="single-stream prompt lengths (default 32,128,512)")
-    p.add_argument("--new-tokens", type=_ints, default=None,
-                   help="single-stream new-token counts (default 32,128)")
-    p.add_argument("--batch-sizes", type=_ints, default=None,
-                   help="offline batch sizes (default 1,2,4,8)")
-    p.add_argument("--min-runs", type=int, default=None, help="measured runs per point, at least")
-    p.add_argument("--min-seconds", type=float, default=None,
-                   help="measured seconds per point, at least")
-    p.add_argument("--warmup-runs", type=int, default=None,
-                   help="discarded runs before each point (default 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads on CPU (default: torch's; --quick: 1)")
+    for flag, kind, text in _BENCH_OPTIONS:
+        p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--out", type=Path, default=None,
                    help="report directory (default bench-MODEL-UTCTIME)")
     p.add_argument("--quick", action="store_true",
@@ -72,6 +84,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--gpu-count", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    # The configuration jobs will run in (as run, serve and mine take it): the estimate
+    # warns where it differs from the profile's.
+    _add_registry(p)
+    add_engine_options(p)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the batch size jobs will run with (serve and mine --batch-size; "
+                        "default: the engine's)")
     p.set_defaults(handler=_cmd_price)
 
 
@@ -81,12 +100,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench.report import BenchConfig, write_report
     from engine.bench.scenarios import quick_config, run_bench
 
-    options: dict[str, Any] = {
-        "weights": args.weights, "device": args.device, "dtype": args.dtype,
-        "scenarios": args.scenario, "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
-        "min_runs": args.min_runs, "min_seconds": args.min_seconds,
-        "warmup_runs": args.warmup_runs, "threads": args.threads}
+    options: dict[str, Any] = {"weights": args.weights, "device": args.device,
+                               "dtype": args.dtype, "decode": args.decode}
+    for flag, _, _ in _BENCH_OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        options[_CONFIG_KEYS.get(dest, dest)] = getattr(args, dest)
     given = {k: v for k, v in options.items() if v is not None}
     config = quick_config(args.model, **given) if args.quick else BenchConfig(
         model=args.model, **given)
@@ -110,16 +128,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _current_run_config(args: argparse.Namespace,
+                        model: str) -> tuple[RunConfig | None, list[str]]:
+    """The configuration ``model``'s jobs would run in here (as ``run`` would build its
+    engine from these options), or None and why it cannot be told."""
+    from engine.bench.run_config import current_run_config
+    from engine.errors import EngineError
+    from engine.registry import Registry
+
+    try:
+        spec = Registry.load(args.registry).get(model)
+        return current_run_config(spec, device=args.device, dtype=args.dtype,
+                                  decode=args.decode, batch_size=args.batch_size), []
+    except EngineError as exc:
+        return None, [f"cannot tell the configuration {model}'s jobs run in here "
+                      f"({exc.message}); the estimate is for the profile's"]
+
+
 def _cmd_price(args: argparse.Namespace) -> int:
+    import sys
+
     from engine.pricing import estimate, load_profile
 
     profile = load_profile(args.profile)
+    current, problems = _current_run_config(args, profile.model)
     est = estimate(profile, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                   price_per_hour=args.price_per_hour, gpu_count=args.gpu_count)
+                   price_per_hour=args.price_per_hour, gpu_count=args.gpu_count,
+                   run_config=current)
+    est = est.model_copy(update={"warnings": [*problems, *est.warnings]})
     if args.json:
         print(json.dumps({"profile": profile.model_dump(mode="json"),
+                          "run_config": current.model_dump(mode="json") if current else None,
                           "estimate": est.model_dump(mode="json")}, indent=2))
-        return 0
+    else:
+        _print_estimate(profile, est)
+    sys.stdout.flush()
+    for warning in est.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _print_estimate(profile: Profile, est: Estimate) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -141,5 +190,4 @@ def _cmd_price(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"model: {fit.fixed_seconds:.4f} s + {fit.prefill_seconds_per_token * 1000:.3f} ms x "
           f"prompt + {fit.decode_seconds_per_token * 1000:.2f} ms x output; {est.assumption}")
-    return 0
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
+from engine.options import FLAGS
+from engine.settings import settings
 
 
 def _default_state_dir() -> Path:
@@ -61,7 +62,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_mine(args: argparse.Namespace) -> int:
-    from engine.cli import build_engine
+    from engine.cli import build_engine, run_options
     from engine.coordinator import (
         Agent,
         AgentConfig,
@@ -73,13 +74,16 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     )
     from engine.loading import availability
 
-    if args.max_concurrent < 1:
-        raise EngineError("--max-concurrent must be at least 1", code="usage")
+    run = run_options(args, {**FLAGS, "job_timeout": "--timeout"},
+                      max_concurrent=args.max_concurrent, batch_size=args.batch_size,
+                      batch_window_seconds=0.05 if args.batch_size != 1 else 0.0,
+                      job_timeout=args.timeout)
     logging.getLogger("engine.coordinator").setLevel(
         logging.DEBUG if args.verbose > 1 else logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr)
-    api_key = args.api_key or os.environ.get("AITBC_API_KEY") or None
+    secret = settings().api_key
+    api_key = args.api_key or (secret.get_secret_value() if secret else None)
     if args.dialect == "aitbc" and not api_key:
         raise EngineError("the aitbc dialect needs an API key: pass --api-key or set "
                           "AITBC_API_KEY", code="usage")
@@ -89,13 +93,11 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     outbox = Outbox(state_dir / "outbox.sqlite3")
     coordinator = connect(args.dialect, args.coordinator, api_key=api_key, miner_id=miner_id,
                           outbox=outbox, read_timeout=args.read_timeout)
-    engine = build_engine(args, max_concurrent=args.max_concurrent, job_timeout=args.timeout,
-                          batch_size=max(1, args.batch_size) if args.batch_size else None,
-                          batch_window_seconds=0.05 if args.batch_size != 1 else 0.0)
+    engine = build_engine(args, run)
     weights_here = (lambda spec: True) if engine.weights == "random" \
         else (lambda spec: availability(spec).available)
     caps = detect_capabilities(engine.hardware, engine.registry, devices=engine.devices,
-                               is_available=weights_here, max_concurrent=args.max_concurrent,
+                               is_available=weights_here, max_concurrent=run.max_concurrent,
                                price_per_hour=args.price_per_hour, location=args.location)
     logging.getLogger("engine.coordinator").info(
         "mining at %s (%s) as %s, key %s: %s", coordinator.base_url, args.dialect,
@@ -103,7 +105,7 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     if not caps.models:
         print(f"aitbc-engine: warning: no model of the registry can run here "
               f"({engine.registry.path}); see `aitbc-engine models`", file=sys.stderr)
-    config = AgentConfig(max_concurrent=args.max_concurrent, max_jobs=args.max_jobs,
+    config = AgentConfig(max_concurrent=run.max_concurrent, max_jobs=args.max_jobs,
                          once=args.once, heartbeat_interval=args.heartbeat_interval,
                          poll_wait_seconds=args.poll_wait, idle_seconds=args.idle)
     agent = Agent(coordinator, engine, outbox, caps, config)

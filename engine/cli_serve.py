@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.errors import EngineError
+from engine.options import FLAGS, ServeLimits
 
 
 def register(subparsers: Any) -> None:
@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from engine.cli import build_engine
+    from engine.cli import build_engine, run_options
     from engine.server import (
         ServeOptions,
         default_state_dir,
@@ -76,22 +76,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         serve,
     )
 
-    for name, value, low in (("--port", args.port, 0), ("--max-queue", args.max_queue, 0),
-                             ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--history", args.history, 0),
-                             ("--max-concurrent", args.max_concurrent, 1),
-                             ("--batch-size", args.batch_size or 1, 1)):
-        if value < low:
-            raise EngineError(f"{name} must be at least {low}, got {value}", code="usage")
+    limits = ServeLimits.check(FLAGS, port=args.port, max_queue=args.max_queue,
+                               max_body_bytes=args.max_body_bytes, history=args.history,
+                               shutdown_timeout=args.shutdown_timeout)
+    run = run_options(args, max_concurrent=args.max_concurrent, batch_size=args.batch_size,
+                      batch_window_seconds=args.batch_window, job_timeout=args.job_timeout)
     state_dir = args.state_dir or default_state_dir()
-    options = ServeOptions(host=args.host, port=args.port, token=args.token, state_dir=state_dir,
-                           max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                           history=args.history, preload=list(args.preload),
-                           profile=args.profile, shutdown_timeout=args.shutdown_timeout,
+    options = ServeOptions(host=args.host, port=limits.port, token=args.token,
+                           state_dir=state_dir, max_body_bytes=limits.max_body_bytes,
+                           max_queue=limits.max_queue, history=limits.history,
+                           preload=list(args.preload), profile=args.profile,
+                           shutdown_timeout=limits.shutdown_timeout,
                            log_level="info" if args.verbose == 0 else "debug")
-    with build_engine(args, max_concurrent=args.max_concurrent, job_timeout=args.job_timeout,
-                      batch_size=args.batch_size,
-                      batch_window_seconds=args.batch_window) as engine:
+    with build_engine(args, run) as engine:
         def started(server: Any) -> None:
             token = server.config.app.state.token
             port = args.port

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import DeviceError, EngineError, InvalidJobError, JobCancelledError
 from engine.hardware import Device, HardwareInfo, Nvml, discover
-from engine.jobs import Job, JobResult, parse_payload
+from engine.jobs import Job, JobResult
 from engine.loading import LoadedModel, Weights
 from engine.metering import Meter
+from engine.options import RunOptions
 from engine.outcomes import ENGINE_VERSION, failed_result, log_result
+from engine.payloads import parse_payload
 from engine.pool import ModelPool
 from engine.registry import ModelSpec, Registry
 from engine.scheduler import Scheduler, SchedulerClosed, Ticket
@@ -69,6 +71,10 @@ class JobHandle:
         """True while the job is on a device."""
         return self._item.future.running()
 
+    def add_done_callback(self, fn: Callable[[JobHandle], object]) -> None:
+        """Call ``fn(handle)`` once the result is ready (at once if it is), on that thread."""
+        self._item.future.add_done_callback(lambda _: fn(self))
+
     def cancel(self) -> bool:
         """Cancel the job: a queued job is dropped, a running one stops at its next token."""
         return self._engine._cancel(self._item)
@@ -87,6 +93,8 @@ class Engine:
     device step by step. ``decode`` picks the single-job path (``auto``: the
     static cache replayed as a CUDA graph on one GPU, the dynamic cache
     elsewhere); ``graphs`` replaces how decode steps are captured (tests).
+    The options are checked by :class:`engine.options.RunOptions`: a value out
+    of range raises :class:`~engine.options.OptionError` (a ``ValueError``).
     """
 
     def __init__(self, registry: Registry | str | Path | None = None, *,
@@ -97,10 +105,12 @@ class Engine:
                  dtype: str | None = None, batch_size: int | None = None,
                  batch_window_seconds: float = 0.0, decode: Decode = "auto",
                  graphs: GraphBackend | None = None):
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        checked = RunOptions.check(max_concurrent=max_concurrent, batch_size=batch_size,
+                                   batch_window_seconds=batch_window_seconds,
+                                   job_timeout=job_timeout, decode=decode, dtype=dtype,
+                                   weights=weights)
+        max_concurrent, batch_size = checked.max_concurrent, checked.batch_size
+        batch_window_seconds, job_timeout = checked.batch_window_seconds, checked.job_timeout
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.hardware = hardware or discover(nvml)
         self._own_nvml: Nvml | None = None

@@ -1,21 +1,19 @@
-"""The engine's own job and result types, and parsers from coordinator payloads.
+"""The engine's own job and result types.
 
-Knows nothing of torch. Every model here is strict: unknown keys and wrong
-types are errors, reported as :class:`~engine.errors.InvalidJobError` with the
-offending field named.
+Knows nothing of torch or HTTP. Every model here is strict: unknown keys and
+wrong types are errors. The coordinator's wire shapes, and ``parse_payload``
+that turns any of them into a :class:`Job`, are in :mod:`engine.payloads`.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from engine.base import StrictModel
-from engine.errors import InvalidJobError, UnsupportedJobTypeError
 
 Task = Literal["text-generation", "embedding"]
 
@@ -24,13 +22,25 @@ MAX_STOP_STRINGS = 16
 MAX_PROMPT_CHARS = 1_000_000
 MAX_EMBEDDING_INPUTS = 1024
 
+# Field types shared by the job and every wire shape (engine.payloads), so each range is
+# written once.
+JobId = Annotated[str, Field(min_length=1, max_length=256)]
+ModelName = Annotated[str, Field(min_length=1, max_length=128)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
+Stops = Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
 
-class _Strict(StrictModel):
+
+class Strict(StrictModel):
+    """A strict job shape: frozen, unknown keys refused, no type coercion."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class GenerationParams(_Strict):
-    """Decoding parameters of a text-generation job. ``temperature == 0`` is greedy."""
+class SamplingParams(Strict):
+    """The decoding parameters every text-generation shape carries under the same names."""
 
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] = 16
     temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
@@ -38,8 +48,16 @@ class GenerationParams(_Strict):
     top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
-    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
-                    Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters alone, as keyword arguments of :class:`GenerationParams`."""
+        return {name: getattr(self, name) for name in SamplingParams.model_fields}
+
+
+class GenerationParams(SamplingParams):
+    """Decoding parameters of a text-generation job. ``temperature == 0`` is greedy."""
+
+    stop: Stops = Field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
@@ -47,18 +65,16 @@ class GenerationParams(_Strict):
         return self.temperature == 0.0
 
 
-class Job(_Strict):
+class Job(Strict):
     """One unit of work: a model by registry name, a task, its input and parameters."""
 
-    job_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(
-        default_factory=lambda: uuid.uuid4().hex)
-    model: Annotated[str, Field(min_length=1, max_length=128)]
+    job_id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
+    model: ModelName
     task: Task = "text-generation"
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    prompt: Prompt | None = None
     prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]],
                                 Field(min_length=1)] | None = None
-    input: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]],
-                     Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | None = None
+    input: Texts | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
 
     @model_validator(mode="after")
@@ -83,8 +99,12 @@ class Job(_Strict):
         """The stable JSON form of the job."""
         return self.model_dump_json(exclude_none=True)
 
+    def to_job(self) -> Job:
+        """The job itself (engine JSON is one of the wire shapes of :mod:`engine.payloads`)."""
+        return self
 
-class GenerationOutput(_Strict):
+
+class GenerationOutput(Strict):
     """What a text-generation job produced."""
 
     text: str
@@ -92,14 +112,14 @@ class GenerationOutput(_Strict):
     finish_reason: Literal["eos", "stop", "length"]
 
 
-class EmbeddingOutput(_Strict):
+class EmbeddingOutput(Strict):
     """What an embedding job produced: one float32 vector per input."""
 
     embeddings: list[list[float]]
     dimensions: int
 
 
-class Metrics(_Strict):
+class Metrics(Strict):
     """The metered facts of one job; see DESIGN.md "Metering". Absent means not measured."""
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
@@ -128,7 +148,7 @@ class Metrics(_Strict):
     energy_estimated: bool | None = None
 
 
-class ExecutionProfile(_Strict):
+class ExecutionProfile(Strict):
     """Everything a verifier needs to reproduce a result bit for bit."""
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
@@ -155,7 +175,7 @@ class ExecutionProfile(_Strict):
     cpu_fallback_reason: str | None = None
 
 
-class JobErrorInfo(_Strict):
+class JobErrorInfo(Strict):
     """Why a job failed: a stable code, a message, the field to blame when known."""
 
     code: str
@@ -163,7 +183,7 @@ class JobErrorInfo(_Strict):
     field: str | None = None
 
 
-class JobResult(_Strict):
+class JobResult(Strict):
     """The outcome of a job, completed or failed, with a stable JSON form."""
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
@@ -190,144 +210,3 @@ class JobResult(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form."""
         return self.model_dump(mode="json", exclude_none=True)
-
-
-# ---------------------------------------------------------------- payload parsing
-
-_FLAT_KEYS = {"type", "job_id", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k",
-              "seed", "stop", "repetition_penalty"}
-_SERVICE_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k",
-                 "repetition_penalty", "stop_sequences", "stream", "seed"}
-_EMBEDDING_KEYS = {"type", "job_id", "model", "input"}
-
-
-def _invalid_from(err: ValidationError) -> InvalidJobError:
-    first = err.errors()[0]
-    field: str | None = ".".join(str(p) for p in first["loc"]) or None
-    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    if first["type"] == "value_error":
-        # Cross-field checks say "<field>: <why>" (see Job._check_input).
-        named, _, why = str(first["ctx"]["error"]).partition(": ")
-        if why and named.isidentifier():
-            field = f"{field}.{named}" if field else named
-            msg = why
-    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
-    where = f"field '{field}': " if field else ""
-    return InvalidJobError(f"invalid job: {where}{msg}{more}", field=field)
-
-
-def _reject_unknown(payload: Mapping[str, Any], allowed: set[str], shape: str,
-                    prefix: str = "") -> None:
-    unknown = sorted(str(k) for k in payload if k not in allowed)
-    if unknown:
-        raise InvalidJobError(
-            f"invalid job: unknown key(s) {unknown} in a {shape} payload; "
-            f"allowed: {sorted(allowed)}",
-            field=f"{prefix}{unknown[0]}",
-        )
-
-
-def _build(data: dict[str, Any], rename: Mapping[str, str] | None = None) -> Job:
-    """Validate ``data`` as a Job; ``rename`` maps Job field paths back to the payload's names."""
-    try:
-        return Job.model_validate(data)
-    except ValidationError as exc:
-        err = _invalid_from(exc)
-        if not rename or err.field is None:
-            raise err from exc
-        field = err.field
-        for ours, theirs in sorted(rename.items(), key=lambda kv: -len(kv[0])):
-            if field == ours or field.startswith(ours + "."):
-                rest = field[len(ours):]
-                field = theirs + rest if theirs else rest.lstrip(".")
-                break
-        raise InvalidJobError(err.message.replace(f"'{err.field}'", f"'{field}'"),
-                              field=field) from exc
-
-
-def _decode(payload: Any) -> Any:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        try:
-            payload = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidJobError(f"invalid job: the payload is not UTF-8 text ({exc.reason} at "
-                                  f"byte {exc.start})") from exc
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise InvalidJobError(f"invalid job: the payload is not JSON ({exc.msg} at line "
-                                  f"{exc.lineno} column {exc.colno})") from exc
-    return payload
-
-
-def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
-    """Turn engine JSON or any coordinator payload shape (PROTOCOLS.md) into a :class:`Job`.
-
-    ``payload`` may be a mapping, JSON text or UTF-8 bytes. ``job_id`` (the
-    coordinator's id) wins over one inside the payload. Anything that is not a
-    valid job raises :class:`InvalidJobError` (or :class:`UnsupportedJobTypeError`).
-    """
-    payload = _decode(payload)
-    if not isinstance(payload, Mapping):
-        raise InvalidJobError(f"invalid job: the payload must be a JSON object, got "
-                              f"{type(payload).__name__}")
-    if not all(isinstance(k, str) for k in payload):
-        raise InvalidJobError("invalid job: every key of the payload must be a string")
-    ident = job_id if job_id is not None else payload.get("job_id")
-    extra: dict[str, Any] = {} if ident is None else {"job_id": ident}
-
-    if "service_type" in payload:
-        return _parse_service(payload, extra)
-    if "type" in payload:
-        kind = payload["type"]
-        if kind == "inference":
-            _reject_unknown(payload, _FLAT_KEYS, "flat inference")
-            params = {k: payload[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
-                                              "seed", "stop", "repetition_penalty") if k in payload}
-            if isinstance(params.get("stop"), str):
-                params["stop"] = [params["stop"]]
-            return _build({**extra, "model": payload.get("model"), "task": "text-generation",
-                           "prompt": payload.get("prompt"), "params": params},
-                          rename={"params": ""})
-        if kind == "embedding":
-            _reject_unknown(payload, _EMBEDDING_KEYS, "embedding")
-            texts = payload.get("input")
-            if isinstance(texts, str):
-                texts = [texts]
-            return _build({**extra, "model": payload.get("model"), "task": "embedding",
-                           "input": texts})
-        raise UnsupportedJobTypeError(
-            f"unsupported job type {kind!r} (field 'type'): this engine runs 'inference' (text "
-            "generation) and 'embedding' jobs", field="type")
-    if "task" in payload or "params" in payload:
-        return _build({**payload, **extra})
-    raise InvalidJobError("invalid job: cannot tell the kind of job; expected engine JSON "
-                          "(with 'task'), a flat payload (with 'type') or a service request "
-                          "(with 'service_type')")
-
-
-def _parse_service(payload: Mapping[str, Any], extra: dict[str, Any]) -> Job:
-    if payload["service_type"] != "llm_inference":
-        raise UnsupportedJobTypeError(
-            f"unsupported service_type {payload['service_type']!r}: this engine runs "
-            "'llm_inference'", field="service_type")
-    _reject_unknown(payload, {"service_type", "service_request", "job_id"}, "service request")
-    req = payload.get("service_request")
-    if not isinstance(req, Mapping):
-        raise InvalidJobError("invalid job: field 'service_request': must be an object",
-                              field="service_request")
-    _reject_unknown(req, _SERVICE_KEYS, "service request", "service_request.")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidJobError("invalid job: field 'service_request.stream': must be a boolean",
-                              field="service_request.stream")
-    params = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
-                                  "repetition_penalty", "seed") if k in req}
-    if "stop_sequences" in req:
-        params["stop"] = req["stop_sequences"]
-    data = {**extra, "model": req.get("model"), "task": "text-generation",
-            "prompt": req.get("prompt"), "params": params}
-    return _build(data, rename={"params.stop": "service_request.stop_sequences",
-                                "params": "service_request", "model": "service_request.model",
-                                "prompt": "service_request.prompt"})

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import socket
 import sys
@@ -22,23 +21,25 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from engine.cache import engine_cache_dir
 from engine.errors import (
     DeviceError,
     InsufficientMemoryError,
     UnsafeWeightsError,
     WeightsUnavailableError,
 )
-from engine.hardware import Device, engine_cache_dir, supports_bf16
+from engine.hardware import Device, supports_bf16
+from engine.options import Weights
 from engine.registry import ModelSpec
+from engine.settings import settings
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-Weights = Literal["pretrained", "random"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -196,7 +197,7 @@ def _hub_ways_out(spec: ModelSpec) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when a TCP connection to the hub opens within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if settings().hf_hub_offline:
         return False
     try:
         with socket.create_connection(HUB_HOST, timeout=timeout):

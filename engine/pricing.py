@@ -1,15 +1,19 @@
 """Estimates from benchmark profiles: how long a job takes here and what to charge for it.
 
-A profile is a benchmark report (``aitbc-engine bench ... --out DIR``). The cost
-model is fitted by least squares over its raw single-stream runs::
+A profile is a benchmark report (``aitbc-engine bench ... --out DIR``). The
+benchmark fits its cost model (:mod:`engine.bench.cost_model`) and stores it in
+``report.json``::
 
     execution seconds = fixed + prefill_per_token * prompt_tokens + decode_per_token * output_tokens
 
-Rows are weighted by 1/seconds, so the fit minimises relative error (short and
-long jobs count alike); its error on the fit points (RMSE and worst relative
-error) travels with every estimate. An estimate assumes the job generates all
-``max_tokens`` (an upper bound: a job that stops early costs less). Knows
-nothing of torch.
+Pricing reads that model and the configuration the profile's jobs ran in
+(:class:`~engine.bench.report.RunConfig`); it fits nothing. The fit's error on
+its points (RMSE and worst relative error) travels with every estimate. An
+estimate assumes the job generates all ``max_tokens`` (an upper bound: a job
+that stops early costs less), and holds for the profile's configuration: given
+the configuration jobs will run in (``run_config``, which the caller reads, e.g.
+:func:`engine.bench.run_config.current_run_config`), it warns where the two
+differ. Knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from engine.base import StrictModel
-from engine.bench.report import Report, read_report
+from engine.bench.cost_model import CostModel, CostModelError, FitError
+from engine.bench.cost_model import fit_cost_model as _fit_runs
+from engine.bench.report import Report, RunConfig, read_report
 from engine.errors import EngineError
+
+__all__ = ["CostModel", "Estimate", "FitError", "PricingError", "Profile", "Quote", "RunConfig",
+           "configuration_warnings", "estimate", "fit_cost_model", "load_profile",
+           "profile_from_report", "quote_for_available_job"]
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -32,39 +44,9 @@ class PricingError(EngineError):
     code = "pricing_error"
 
 
-class FitError(StrictModel):
-    """How well the cost model fits the runs it was fitted on."""
-
-    points: int
-    rmse_seconds: float
-    max_relative_error: float
-
-
-class CostModel(StrictModel):
-    """Seconds a job takes: fixed overhead plus per prompt token plus per output token."""
-
-    fixed_seconds: float
-    prefill_seconds_per_token: float
-    decode_seconds_per_token: float
-    points: int
-    rmse_seconds: float
-    max_relative_error: float
-    method: str = "least squares, rows weighted by 1/seconds, over single-stream raw runs"
-
-    def seconds(self, prompt_tokens: int, output_tokens: int) -> float:
-        """Predicted execution seconds (never below zero)."""
-        return max(0.0, self.fixed_seconds + self.prefill_seconds_per_token * prompt_tokens
-                   + self.decode_seconds_per_token * output_tokens)
-
-    @property
-    def fit_error(self) -> FitError:
-        """The fit's error on its own points."""
-        return FitError(points=self.points, rmse_seconds=self.rmse_seconds,
-                        max_relative_error=self.max_relative_error)
-
-
 class Profile(StrictModel):
-    """What an estimate needs from a report: where it ran and the fitted cost model."""
+    """What an estimate needs from a report: where it ran, in what configuration, and the
+    fitted cost model."""
 
     source: str
     model: str
@@ -76,6 +58,7 @@ class Profile(StrictModel):
     device_count: int
     created_at: str
     cost_model: CostModel
+    run_config: RunConfig | None = None  # None: not recorded (a schema /1 report)
 
 
 class Estimate(StrictModel):
@@ -94,6 +77,8 @@ class Estimate(StrictModel):
     fit_error: FitError
     device_class: str
     assumption: str = "the job generates all max_tokens (an upper bound)"
+    # Where the configuration the estimate is for differs from the profile's (see estimate).
+    warnings: list[str] = Field(default_factory=list)
 
 
 class Quote(StrictModel):
@@ -113,44 +98,50 @@ class Quote(StrictModel):
 
 
 def fit_cost_model(report: Report | Mapping[str, Any]) -> CostModel:
-    """Fit the cost model to a report's single-stream raw runs (needs 3+ distinct shapes)."""
-    import numpy as np
+    """The cost model of a report's single-stream runs, fitted again (needs 3+ distinct shapes).
 
+    Kept for callers of the earlier API: the benchmark stores this fit in the
+    report (``report.cost_model``), which is what :func:`profile_from_report` reads.
+    """
     rep = report if isinstance(report, Report) else Report.model_validate(report)
-    runs = [r for r in rep.single_runs() if r.execution_seconds > 0]
-    shapes = {(r.prompt_tokens, r.completion_tokens) for r in runs}
-    prompts = {p for p, _ in shapes}
-    outputs = {n for _, n in shapes}
-    if len(shapes) < 3 or len(prompts) < 2 or len(outputs) < 2:
-        raise PricingError("the profile has too few single-stream shapes to fit a cost model "
-                           f"({len(prompts)} prompt length(s), {len(outputs)} output length(s)); "
-                           "benchmark at least 2 prompt lengths and 2 new-token counts with the "
-                           "'single' scenario", field="profile")
-    x = np.array([[1.0, r.prompt_tokens, r.completion_tokens] for r in runs])
-    y = np.array([r.execution_seconds for r in runs])
-    w = 1.0 / y
-    coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
-    predicted = x @ coef
-    rmse = float(math.sqrt(float(np.mean((predicted - y) ** 2))))
-    worst = float(np.max(np.abs(predicted - y) / y))
-    return CostModel(fixed_seconds=float(coef[0]), prefill_seconds_per_token=float(coef[1]),
-                     decode_seconds_per_token=float(coef[2]), points=len(runs),
-                     rmse_seconds=rmse, max_relative_error=worst)
+    try:
+        return _fit_runs(rep.single_runs())
+    except CostModelError as exc:
+        raise PricingError(exc.message, field=exc.field) from exc
 
 
 def profile_from_report(report: Report, source: str = "") -> Profile:
-    """A :class:`Profile` from a report in memory."""
+    """A :class:`Profile` from a report in memory: its stored cost model and configuration."""
+    if report.cost_model is None:
+        raise PricingError(f"the profile {source or '(in memory)'} has no cost model: "
+                           f"{report.no_cost_model or 'none was stored'}", field="profile")
     env = report.environment
     return Profile(source=source, model=env.model, weights=env.weights, dtype=env.dtype,
                    device=str(env.device.get("id", env.device_class)),
                    device_class=env.device_class, gpu_type=env.device.get("gpu_type"),
                    device_count=1, created_at=report.created_at,
-                   cost_model=fit_cost_model(report))
+                   cost_model=report.cost_model, run_config=env.run_config)
 
 
 def load_profile(path: str | Path) -> Profile:
-    """Read a report (``report.json`` or its directory) and fit its cost model."""
+    """Read a report (``report.json`` or its directory): its cost model and configuration."""
     return profile_from_report(read_report(path), str(path))
+
+
+def configuration_warnings(profile: Profile, run_config: RunConfig | None) -> list[str]:
+    """What an estimate from ``profile`` cannot vouch for when jobs run in ``run_config``."""
+    if run_config is None:
+        return []
+    if profile.run_config is None:
+        return ["the profile does not record the configuration its jobs ran in (a report of "
+                "an earlier schema): run `aitbc-engine bench` again to check it against the "
+                "configuration jobs run in here"]
+    diffs = profile.run_config.differences(run_config)
+    if not diffs:
+        return []
+    said = ", ".join(f"{name} {ours!r} (jobs here: {theirs!r})" for name, ours, theirs in diffs)
+    return [f"the profile's jobs ran with {said}: the estimate is for the profile's "
+            "configuration and may be far off; benchmark in the configuration jobs run in"]
 
 
 def _check_number(value: Any, name: str, *, positive: bool = False) -> float:
@@ -170,8 +161,12 @@ def _check_count(value: Any, name: str, minimum: int) -> int:
 
 
 def estimate(profile: Profile, *, prompt_tokens: int, max_tokens: int, price_per_hour: float,
-             gpu_count: int = 1) -> Estimate:
-    """Estimated time, GPU seconds, price and break-even price per 1k tokens of one job."""
+             gpu_count: int = 1, run_config: RunConfig | None = None) -> Estimate:
+    """Estimated time, GPU seconds, price and break-even price per 1k tokens of one job.
+
+    ``run_config``: the configuration the job will run in; where it differs from the
+    profile's, the estimate's ``warnings`` say so.
+    """
     prompt_tokens = _check_count(prompt_tokens, "prompt_tokens", 1)
     max_tokens = _check_count(max_tokens, "max_tokens", 1)
     gpu_count = _check_count(gpu_count, "gpu_count", 1)
@@ -184,19 +179,22 @@ def estimate(profile: Profile, *, prompt_tokens: int, max_tokens: int, price_per
                     price_per_hour=rate, price=price,
                     break_even_price_per_1k_tokens=1000 * price / (prompt_tokens + max_tokens),
                     break_even_price_per_1k_output_tokens=1000 * price / max_tokens,
-                    fit_error=profile.cost_model.fit_error, device_class=profile.device_class)
+                    fit_error=profile.cost_model.fit_error, device_class=profile.device_class,
+                    warnings=configuration_warnings(profile, run_config))
 
 
 def quote_for_available_job(profile: Profile, job_listing: Mapping[str, Any],
                             price_per_hour: float, *, prompt_tokens: int | None = None,
-                            max_tokens: int | None = None) -> Quote:
+                            max_tokens: int | None = None,
+                            run_config: RunConfig | None = None) -> Quote:
     """Price an entry of the doc coordinator's ``jobs/available`` list.
 
     The listing gives ``job_id``, ``model``, ``gpu_type``, ``gpu_count``,
     ``estimated_time`` (seconds) and ``price``. Without the job's shape our time
     is the coordinator's ``estimated_time``; with ``prompt_tokens`` and
     ``max_tokens`` it is the profile's estimate. The quote is our GPU seconds at
-    ``price_per_hour``; the job pays when the offered price is at least that.
+    ``price_per_hour``; the job pays when the offered price is at least that. With
+    ``run_config``, a configuration that differs from the profile's is among the notes.
     """
     if not isinstance(job_listing, Mapping):
         raise PricingError("a job listing must be an object", field="job")
@@ -220,7 +218,8 @@ def quote_for_available_job(profile: Profile, job_listing: Mapping[str, Any],
                      f"{profile.gpu_type or profile.device_class!r}")
     if prompt_tokens is not None and max_tokens is not None:
         est = estimate(profile, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                       price_per_hour=rate, gpu_count=gpu_count)
+                       price_per_hour=rate, gpu_count=gpu_count, run_config=run_config)
+        notes += est.warnings
         ours, basis = est.estimated_time, (f"profile estimate for {prompt_tokens} prompt + "
                                            f"{max_tokens} output tokens")
     else:

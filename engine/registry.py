@@ -6,7 +6,6 @@ named by ``--registry`` or by the ``AITBC_ENGINE_REGISTRY`` environment variable
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,8 +15,9 @@ from pydantic import Field, ValidationError, model_validator
 
 from engine.base import StrictModel
 from engine.errors import RegistryError, UnknownModelError
+from engine.settings import settings
 
-REGISTRY_ENV = "AITBC_ENGINE_REGISTRY"
+REGISTRY_ENV = "AITBC_ENGINE_REGISTRY"  # read through engine.settings (field `registry`)
 
 Task = Literal["text-generation", "embedding"]
 WeightFormat = Literal["safetensors", "gguf"]
@@ -144,8 +144,7 @@ def packaged_registry_path() -> Path:
 
 def default_registry_path() -> Path:
     """``$AITBC_ENGINE_REGISTRY`` when set, else the packaged registry."""
-    env = os.environ.get(REGISTRY_ENV)
-    return Path(env).expanduser() if env else packaged_registry_path()
+    return settings().registry or packaged_registry_path()
 
 
 def _format_errors(where: str, err: ValidationError) -> str:

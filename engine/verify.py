@@ -79,8 +79,8 @@ from engine.jobs import (
     GenerationParams,
     Job,
     JobResult,
-    parse_payload,
 )
+from engine.payloads import parse_payload
 from engine.registry import ModelSpec, Registry
 
 if TYPE_CHECKING:

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from engine.errors import EngineError, ExecutionError, JobCancelledError, JobTimeoutError
 from engine.hardware import Device
 from engine.jobs import EmbeddingOutput, GenerationOutput, Job, JobResult
 from engine.loading import LoadedModel, Weights
 from engine.metering import Meter, MeterWindow
+from engine.options import Decode
 from engine.outcomes import classify, completed_result, failed_result, job_metrics
 from engine.pool import ModelPool
 from engine.registry import ModelSpec
@@ -38,9 +39,8 @@ if TYPE_CHECKING:  # torch-heavy modules: imported where a work runs, not by `im
 
 log = logging.getLogger(__name__)
 
-# "auto": the static-cache path (graphs on CUDA) for single jobs on one GPU, the
-# dynamic-cache loop everywhere else (on the CPU the static cache does not pay).
-Decode = Literal["auto", "dynamic", "static"]
+# Decode (engine.options): "auto" is the static-cache path (graphs on CUDA) for single jobs
+# on one GPU, the dynamic-cache loop everywhere else (on the CPU the static cache does not pay).
 
 
 @dataclass(eq=False)

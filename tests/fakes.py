@@ -33,6 +33,7 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
@@ -45,6 +46,7 @@ _MESSAGES = {
     NVML_ERROR_UNINITIALIZED: "Uninitialized",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
     NVML_ERROR_NOT_FOUND: "Not Found",
     NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
     NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
@@ -167,7 +169,9 @@ class FakeNvml:
 
     ``fail_init=True`` makes ``nvmlInit`` raise ``NVMLError(init_error)``. Calls before
     ``nvmlInit`` raise ``NVML_ERROR_UNINITIALIZED``, as the real library does.
-    ``init_calls`` / ``shutdown_calls`` count the session's use.
+    ``init_calls`` / ``shutdown_calls`` count the session's use. ``fail`` maps an NVML
+    function name to the error code every call of it raises (``{"nvmlDeviceGetMemoryInfo":
+    NVML_ERROR_NO_PERMISSION}``).
     """
 
     gpus: Sequence[FakeGpu] = ()
@@ -177,6 +181,7 @@ class FakeNvml:
     init_error: int = NVML_ERROR_LIBRARY_NOT_FOUND
     init_calls: int = 0
     shutdown_calls: int = 0
+    fail: dict[str, int] = field(default_factory=dict)
     _refcount: int = field(default=0, repr=False)
 
     NVMLError = NVMLError
@@ -184,6 +189,7 @@ class FakeNvml:
     NVML_ERROR_UNINITIALIZED = NVML_ERROR_UNINITIALIZED
     NVML_ERROR_INVALID_ARGUMENT = NVML_ERROR_INVALID_ARGUMENT
     NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED
+    NVML_ERROR_NO_PERMISSION = NVML_ERROR_NO_PERMISSION
     NVML_ERROR_NOT_FOUND = NVML_ERROR_NOT_FOUND
     NVML_ERROR_DRIVER_NOT_LOADED = NVML_ERROR_DRIVER_NOT_LOADED
     NVML_ERROR_LIBRARY_NOT_FOUND = NVML_ERROR_LIBRARY_NOT_FOUND
@@ -194,6 +200,17 @@ class FakeNvml:
 
     def __post_init__(self) -> None:
         self.gpus = list(self.gpus)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("nvml"):
+            code = object.__getattribute__(self, "fail").get(name)
+            if code is not None:
+
+                def failing(*args: object) -> Any:
+                    raise NVMLError(code)
+
+                return failing
+        return object.__getattribute__(self, name)
 
     # -- helpers for tests
 

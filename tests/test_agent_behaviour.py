@@ -41,6 +41,7 @@ def _doc(tmp_path: Path, **kw: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------ garbage
 
 
+@pytest.mark.slow
 def test_aitbc_garbage_never_crashes_the_agent(tmp_path: Path, engine: Engine) -> None:
     faults = FaultInjector(routes={"poll": RouteFaults(force_status=200, force_raw=b"<html>",
                                                        force_count=2)})
@@ -187,6 +188,7 @@ def test_aitbc_unregistered_miner_gets_500_and_registers_again(tmp_path: Path,
 # ------------------------------------------------------------------ rate limits
 
 
+@pytest.mark.slow
 def test_doc_client_side_limiter_keeps_under_the_coordinators_limits(tmp_path: Path,
                                                                      engine: Engine) -> None:
     # The published limits, scaled from 60 s to 1 s windows so the test is short; the
@@ -204,6 +206,7 @@ def test_doc_client_side_limiter_keeps_under_the_coordinators_limits(tmp_path: P
     assert all(sum(1 for u in stamps[i:] if u < t + 1.0) <= 4 for i, t in enumerate(stamps))
 
 
+@pytest.mark.slow
 def test_aitbc_429_from_the_coordinator_is_honoured(tmp_path: Path, engine: Engine) -> None:
     app, st = _aitbc(tmp_path, limits={"poll": 2, "heartbeat": 100, "register": 50,
                                        "result": 50, "fail": 50}, window=2.0, retry_after="1")

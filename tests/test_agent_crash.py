@@ -53,6 +53,7 @@ def journal(state: Path) -> list[dict[str, Any]]:
     return [{"job_id": r[0], "state": r[1], "attempts": r[2], "body": r[3]} for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stores_anyway", [True, False],
                          ids=["coordinator-stores-late", "coordinator-drops-it"])
 def test_sigkill_between_journal_and_acknowledgement(tmp_path: Path, registry: Path,
@@ -95,6 +96,7 @@ def test_sigkill_between_journal_and_acknowledgement(tmp_path: Path, registry: P
     assert "journalled result(s) to submit first" in err
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_running_job_then_exits(tmp_path: Path, registry: Path) -> None:
     app = aitbc_app.create_app(tmp_path / "coord.db")
     st = app.state.coord
@@ -116,6 +118,7 @@ def test_sigterm_finishes_the_running_job_then_exits(tmp_path: Path, registry: P
     assert f"job {job} model=gpt2 hash=sha256:" in err  # the per-job log line
 
 
+@pytest.mark.slow
 def test_401_exits_non_zero_with_a_clear_message(tmp_path: Path, registry: Path) -> None:
     app = aitbc_app.create_app(tmp_path / "coord.db")
     key = "wrong-key-0123456789"

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import tiny_entry, write_registry
 from coordinators import aitbc_app
 from coordinators.faults import FaultInjector, RouteFaults
@@ -29,6 +30,7 @@ N_JOBS = 200
 JOB = {"type": "inference", "model": "gpt2", "max_tokens": 2}
 
 
+@pytest.mark.slow
 def test_fault_soak_200_jobs_none_lost_none_doubled(tmp_path: Path, tiny_model_dir: Path,
                                                     capsys: object) -> None:
     registry = write_registry(tmp_path / "models.yaml", {"gpt2": tiny_entry(tiny_model_dir)})

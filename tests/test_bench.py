@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.bench.report import BenchConfig, Report, ReportError, read_report, write_report
 from engine.bench.scenarios import (
@@ -149,10 +150,45 @@ def test_prompt_ids_are_seeded_exact_and_avoid_special_tokens() -> None:
     assert ids != make_prompt_ids(300, 50, seed=4, avoid={0, 1, 2})
 
 
-def test_quick_config_is_small() -> None:
+def test_quick_config_is_small_and_runs_jobs_as_run_does() -> None:
     cfg = quick_config("smollm2-135m")
-    assert cfg.quick and cfg.threads == 1 and cfg.min_runs == 2
+    assert cfg.quick and cfg.min_runs == 2
     assert len(cfg.prompt_tokens) >= 2 and len(cfg.new_tokens) >= 2
+    # No pinned thread count, batch size or decode path: the engine's defaults, as `run` uses.
+    assert (cfg.threads, cfg.batch_size, cfg.decode) == (None, None, "auto")
+
+
+def test_the_report_records_the_configuration_jobs_ran_in(tiny_report: Report) -> None:
+    rc = tiny_report.environment.run_config
+    assert rc is not None
+    assert (rc.device_class, rc.torch_threads, rc.decode) == ("cpu", 1, "auto")
+    assert rc.batch_size == 8  # engine.executor.default_batch_size on the CPU
+    assert rc.dtype == tiny_report.environment.dtype
+    assert rc.linear_kernel in ("blas", "row-invariant")
+    assert tiny_report.environment.torch_threads == 1
+    assert tiny_report.cost_model is not None and tiny_report.no_cost_model is None
+    if torch.get_num_threads() != 1:
+        assert any("ran with 1 torch thread(s)" in n for n in tiny_report.notes)
+
+
+def test_a_default_benchmark_runs_in_the_configuration_run_would_use(
+        registry_path: Path) -> None:
+    """What the bench records with no overrides is what `run` would use here now."""
+    from engine.bench.run_config import current_run_config
+    from engine.registry import Registry
+
+    config = tiny_config(scenarios=["single"], prompt_tokens=[4], new_tokens=[2], threads=None)
+    report = run_bench(config, registry=registry_path, probe_bandwidth=False)
+    spec = Registry.load(registry_path).get(TINY)
+    assert report.environment.run_config == current_run_config(spec, device="cpu")
+    assert report.environment.run_config is not None
+    assert report.environment.run_config.torch_threads == torch.get_num_threads()
+    assert report.cost_model is None and "too few" in (report.no_cost_model or "")
+    assert not any("torch thread" in n for n in report.notes)
+    asked = current_run_config(spec, device="cpu", decode="dynamic", batch_size=2)
+    other = run_bench(config.model_copy(update={"decode": "dynamic", "batch_size": 2}),
+                      registry=registry_path, probe_bandwidth=False)
+    assert other.environment.run_config == asked
 
 
 def test_read_report_rejects_other_schemas(tmp_path: Path) -> None:

@@ -1,13 +1,18 @@
-"""engine.bench.roofline: the bound's properties, and real decode rates never exceed it."""
+"""engine.bench.roofline: the bound's properties, and real decode rates never exceed it;
+engine.bench.bandwidth: the bandwidth figures the bound uses (spec sheet, CPU probe)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from fakes import FakeNvml, FakeTorchCuda, a100, fake_machine, v100
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.bench import bandwidth as probe
+from engine.bench.bandwidth import cpu_memory_bandwidth_gbps, memory_bandwidth_gbps
 from engine.bench.roofline import (
     Roofline,
     bound_tokens_per_second,
@@ -17,7 +22,10 @@ from engine.bench.roofline import (
 )
 from engine.bench.scenarios import RecordingMeter, make_prompt_ids
 from engine.executor import Engine
+from engine.hardware import Device, Nvml, cpu, discover
 from engine.jobs import GenerationParams, Job
+
+GiB = 2**30
 
 positive = st.floats(min_value=1e3, max_value=1e12, allow_nan=False, allow_infinity=False)
 bandwidth = st.floats(min_value=0.1, max_value=1e4, allow_nan=False)
@@ -103,3 +111,75 @@ def test_measured_batch1_decode_rate_never_exceeds_the_bound(tiny_engine: Engine
     mean_context = prompt + result.metrics.completion_tokens / 2
     assert rate <= roof.bound(mean_context, 1)
     assert 0 < roof.efficiency(rate, mean_context) <= 1
+
+
+# ------------------------------------------------------------------ bandwidth
+# The probe and its cache live in engine.bench.bandwidth; tests patch the names there
+# (and the CPU's name in engine.hardware.cpu, where the cache key reads it).
+
+
+@pytest.mark.slow
+def test_cpu_bandwidth_measured_once_and_cached(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = cpu_memory_bandwidth_gbps(tmp_path)
+    assert measured > 0
+    cache = tmp_path / "cpu_bandwidth.json"
+    entries = json.loads(cache.read_text())
+    (entry,) = entries.values()
+    assert entry["gbps"] == measured
+    (key,) = entries
+    assert f"|{cpu.cpu_cores()}|" in key
+
+    def no_second_measurement() -> float:
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", no_second_measurement)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == measured
+
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 12.5)
+    assert cpu_memory_bandwidth_gbps(tmp_path, refresh=True) == 12.5
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 12.5
+
+
+def test_cpu_bandwidth_remeasures_a_corrupt_cache(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cpu_bandwidth.json").write_text("{not json")
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
+    assert json.loads((tmp_path / "cpu_bandwidth.json").read_text())
+
+
+def test_cpu_bandwidth_keyed_by_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
+    monkeypatch.setattr(cpu, "cpu_name", lambda: "Another CPU")
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 9.0)
+    assert cpu_memory_bandwidth_gbps(tmp_path) == 9.0
+    assert len(json.loads((tmp_path / "cpu_bandwidth.json").read_text())) == 2
+
+
+def test_cpu_bandwidth_cached_in_the_engine_cache_dir(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "nested" / "cache"
+    monkeypatch.setenv("AITBC_ENGINE_CACHE", str(target))
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 3.0)
+    assert cpu_memory_bandwidth_gbps() == 3.0
+    assert (target / "cpu_bandwidth.json").is_file()
+
+
+def test_memory_bandwidth_per_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml, torch_cuda = fake_machine([v100(), a100()])
+    info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    assert memory_bandwidth_gbps(info.device("cuda:0")) == 900.0
+    assert memory_bandwidth_gbps(info.device("cuda:1")) == 2039.0
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 21.0)
+    assert memory_bandwidth_gbps(info.cpu, tmp_path) == 21.0
+    unknown = Device("cuda:0", "cuda", 0, "NVIDIA GeForce GTX 1080 Ti", "gtx1080ti", 11 * GiB,
+                     11 * GiB, (6, 1), False)
+    assert memory_bandwidth_gbps(unknown) is None
+    a100_40gb = a100(name="NVIDIA A100-SXM4-40GB", memory_total=40 * GiB, memory_free=39 * GiB)
+    small_a100 = discover(Nvml(FakeNvml(gpus=[a100_40gb])),
+                          torch_cuda=FakeTorchCuda.seeing([a100_40gb]))
+    assert memory_bandwidth_gbps(small_a100.gpus[0]) == 1555.0
+    monkeypatch.setattr(probe, "measure_cpu_memory_bandwidth_gbps", lambda: 5.0)
+    assert device_bandwidth(info.device("cuda:1")) == (2039.0, "spec sheet (a100)")

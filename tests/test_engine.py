@@ -176,6 +176,7 @@ def test_smollm2_paris_in_two_processes_same_hash() -> None:
     assert first["result_hash"] == second["result_hash"]
 
 
+@pytest.mark.slow
 def test_sampled_generation_reproducible_across_processes(registry_path: Path,
                                                           tmp_path: Path) -> None:
     job = tmp_path / "job.json"

@@ -1,5 +1,6 @@
 """Tests of engine.hardware: GPU names, spec sheet, discovery over a fake NVML and a fake
-torch (matched by UUID, unusable GPUs, MIG), CPU bandwidth."""
+torch (matched by UUID, unusable GPUs, MIG), typed NVML errors. (The CPU bandwidth probe
+moved to engine.bench.bandwidth: tests/test_bench_roofline.py.)"""
 
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ from fakes import (
     CU126_ARCHS,
     CU128_ARCHS,
     NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_ERROR_UNINITIALIZED,
+    NVML_ERROR_UNKNOWN,
     FakeGpu,
     FakeNvml,
     FakeTorchCuda,
+    NVMLError,
     a100,
     fake_machine,
     v100,
@@ -30,20 +40,28 @@ from engine import hardware
 from engine.errors import DeviceError
 from engine.hardware import (
     GPU_SPECS,
-    Device,
     HardwareInfo,
     Nvml,
+    NvmlDriverNotLoaded,
+    NvmlError,
+    NvmlGpuLost,
+    NvmlInvalidArgument,
+    NvmlLibraryNotFound,
+    NvmlNoPermission,
+    NvmlNotFound,
+    NvmlNotInitialized,
+    NvmlNotSupported,
+    NvmlUnavailable,
     TorchCudaView,
     arch_supported,
-    cpu_memory_bandwidth_gbps,
     cuda_visible_nvml_indices,
     discover,
     gpu_spec_for,
     gpu_type_from_name,
-    memory_bandwidth_gbps,
     supports_bf16,
     uuid_key,
 )
+from engine.hardware.errors import nvml_error_from
 
 GiB = 2**30
 TYPE_RE = re.compile(r"^[a-z0-9]+$")
@@ -798,95 +816,202 @@ def test_nvml_module_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing() -> object:
         raise ImportError("No module named 'pynvml'")
 
-    monkeypatch.setattr(hardware, "nvml_module", missing)
+    monkeypatch.setattr("engine.hardware.nvml.nvml_module", missing)  # where Nvml looks it up
     nvml = Nvml()
     assert not nvml.available()
     assert "pynvml" in (nvml.error() or "")
+    assert isinstance(nvml.init_error(), NvmlLibraryNotFound)
     assert discover(nvml).gpus == ()
 
 
-# --------------------------------------------------------------------------- bandwidth
+# --------------------------------------------------------------------------- typed NVML errors
 
 
-def test_cpu_bandwidth_measured_once_and_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("code", "cls", "message"),
+    [
+        (NVML_ERROR_UNINITIALIZED, NvmlNotInitialized, "Uninitialized"),
+        (NVML_ERROR_INVALID_ARGUMENT, NvmlInvalidArgument, "Invalid Argument"),
+        (NVML_ERROR_NOT_SUPPORTED, NvmlNotSupported, "Not Supported"),
+        (NVML_ERROR_NO_PERMISSION, NvmlNoPermission, "Insufficient Permissions"),
+        (NVML_ERROR_NOT_FOUND, NvmlNotFound, "Not Found"),
+        (NVML_ERROR_DRIVER_NOT_LOADED, NvmlDriverNotLoaded, "Driver Not Loaded"),
+        (NVML_ERROR_LIBRARY_NOT_FOUND, NvmlLibraryNotFound, "NVML Shared Library Not Found"),
+        (NVML_ERROR_GPU_IS_LOST, NvmlGpuLost, "GPU is lost"),
+        (NVML_ERROR_UNKNOWN, NvmlError, "Unknown Error"),
+    ],
+)
+def test_nvml_error_codes_map_to_typed_errors(
+    code: int, cls: type[NvmlError], message: str
 ) -> None:
-    measured = cpu_memory_bandwidth_gbps(tmp_path)
-    assert measured > 0
-    cache = tmp_path / "cpu_bandwidth.json"
-    entries = json.loads(cache.read_text())
-    (entry,) = entries.values()
-    assert entry["gbps"] == measured
-    (key,) = entries
-    assert f"|{hardware._cpu_cores()}|" in key
-
-    def no_second_measurement() -> float:
-        raise AssertionError("measured again despite the cache")
-
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", no_second_measurement)
-    assert cpu_memory_bandwidth_gbps(tmp_path) == measured
-
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 12.5)
-    assert cpu_memory_bandwidth_gbps(tmp_path, refresh=True) == 12.5
-    assert cpu_memory_bandwidth_gbps(tmp_path) == 12.5
+    error = nvml_error_from(NVMLError(code), "nvmlDeviceGetName")
+    assert type(error) is cls
+    assert isinstance(error, NvmlError) and isinstance(error, DeviceError)
+    assert (str(error), error.nvml_code, error.function) == (message, code, "nvmlDeviceGetName")
+    assert error.code.startswith("nvml_")
 
 
-def test_cpu_bandwidth_remeasures_a_corrupt_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "cpu_bandwidth.json").write_text("{not json")
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
-    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
-    assert json.loads((tmp_path / "cpu_bandwidth.json").read_text())
+def test_nvml_error_tree_and_the_real_pynvml_codes() -> None:
+    import pynvml
+
+    assert issubclass(NvmlLibraryNotFound, NvmlUnavailable)
+    assert issubclass(NvmlDriverNotLoaded, NvmlUnavailable)
+    assert not issubclass(NvmlNotSupported, NvmlUnavailable)
+    real = {
+        pynvml.NVML_ERROR_NOT_SUPPORTED: NvmlNotSupported,
+        pynvml.NVML_ERROR_GPU_IS_LOST: NvmlGpuLost,
+        pynvml.NVML_ERROR_RESET_REQUIRED: NvmlGpuLost,
+        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND: NvmlNotSupported,
+        pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: NvmlLibraryNotFound,
+        pynvml.NVML_ERROR_IN_USE: NvmlError,
+    }
+    for code, cls in real.items():  # pynvml's own exception classes, by their codes
+        error = nvml_error_from(pynvml.NVMLError(code))
+        assert type(error) is cls and error.nvml_code == code
+    assert type(nvml_error_from(AttributeError("nvmlDeviceGetMigMode"))) is NvmlNotSupported
+    assert type(nvml_error_from(ImportError("no pynvml"))) is NvmlLibraryNotFound
+    assert type(nvml_error_from(OSError("boom"))) is NvmlError
 
 
-def test_cpu_bandwidth_keyed_by_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 7.0)
-    assert cpu_memory_bandwidth_gbps(tmp_path) == 7.0
-    monkeypatch.setattr(hardware, "_cpu_name", lambda: "Another CPU")
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 9.0)
-    assert cpu_memory_bandwidth_gbps(tmp_path) == 9.0
-    assert len(json.loads((tmp_path / "cpu_bandwidth.json").read_text())) == 2
+def test_nvml_call_raises_typed_errors_and_readings_keep_them(fake: FakeNvml) -> None:
+    fake.gpus[1].lost = True
+    nvml = Nvml(fake)
+    handle = nvml.call("nvmlDeviceGetHandleByIndex", 0)
+    assert nvml.call("nvmlDeviceGetName", handle) == "Tesla V100-SXM2-16GB"
+    with pytest.raises(NvmlInvalidArgument):
+        nvml.call("nvmlDeviceGetHandleByIndex", 7)
+    lost = nvml.call("nvmlDeviceGetHandleByIndex", 1)
+    with pytest.raises(NvmlGpuLost) as excinfo:
+        nvml.call("nvmlDeviceGetTotalEnergyConsumption", lost)
+    assert excinfo.value.function == "nvmlDeviceGetTotalEnergyConsumption"
+    assert isinstance(excinfo.value.__cause__, NVMLError)
+    with pytest.raises(NvmlNotSupported):
+        nvml.call("nvmlDeviceGetNoSuchThing", handle)  # older pynvml: the function is missing
+    # the failure-safe readings: None, and the reason on the side
+    assert nvml.energy_millijoules(1) is None
+    assert isinstance(nvml.last_error, NvmlGpuLost)
+    assert nvml.memory_info(7) is None
+    assert isinstance(nvml.last_error, NvmlInvalidArgument)
+    assert nvml.energy_millijoules(0) is not None
+    assert nvml.last_error is None  # a success clears it
+    failed = nvml.try_call("nvmlDeviceGetName", lost)
+    assert isinstance(failed, NvmlGpuLost) and nvml.last_error is failed
+    assert nvml.try_call("nvmlDeviceGetCount") == 2 and nvml.last_error is None
+    nvml.close()
+    with pytest.raises(NvmlNotInitialized):
+        nvml.call("nvmlDeviceGetCount")
+    assert nvml.device_count() == 0 and isinstance(nvml.last_error, NvmlNotInitialized)
+
+
+def test_last_error_is_per_thread(fake: FakeNvml) -> None:
+    import threading
+
+    nvml = Nvml(fake)
+    assert nvml.memory_info(7) is None
+    seen: list[NvmlError | None] = []
+    worker = threading.Thread(target=lambda: seen.append(nvml.last_error))
+    worker.start()
+    worker.join()
+    assert seen == [None] and isinstance(nvml.last_error, NvmlInvalidArgument)
+
+
+def test_failed_init_is_typed_and_calls_raise_it() -> None:
+    nvml = Nvml(FakeNvml(fail_init=True, init_error=NVML_ERROR_DRIVER_NOT_LOADED))
+    assert nvml.error() == "Driver Not Loaded"
+    error = nvml.init_error()
+    assert isinstance(error, NvmlDriverNotLoaded) and isinstance(error, NvmlUnavailable)
+    with pytest.raises(NvmlDriverNotLoaded, match="Driver Not Loaded"):
+        nvml.call("nvmlDeviceGetCount")
+    assert Nvml(FakeNvml()).init_error() is None
+
+
+def test_discovery_says_why_energy_is_unavailable() -> None:
+    """The NVML reason reaches the device (and ``info --json``) instead of being dropped."""
+    k80 = FakeGpu("Tesla K80", 12 * GiB, compute_capability=(3, 7), energy_supported=False)
+    nvml, torch_cuda = fake_machine([k80, a100()], arch_list=["sm_37", "sm_80"])
+    info = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    old, new = info.gpus
+    assert not old.energy_supported and old.energy_unsupported_reason == "NVML: Not Supported"
+    assert new.energy_supported and new.energy_unsupported_reason is None
+    assert info.cpu.energy_unsupported_reason is None
+    data = json.loads(json.dumps(info.to_dict()))
+    assert [d["energy_unsupported_reason"] for d in data["devices"]] == [
+        "NVML: Not Supported", None, None,
+    ]  # fmt: skip
+    nvml.fail["nvmlDeviceGetTotalEnergyConsumption"] = NVML_ERROR_NO_PERMISSION
+    again = discover(Nvml(nvml), torch_cuda=torch_cuda)
+    reasons = [d.energy_unsupported_reason for d in again.gpus]
+    assert reasons == ["NVML: Insufficient Permissions"] * 2
+
+
+def test_mig_devices_say_why_they_have_no_energy_counter() -> None:
+    parent = _mig_a100()
+    nvml, torch_cuda = fake_machine([parent])
+    for device in discover(Nvml(nvml), torch_cuda=torch_cuda).gpus:
+        assert not device.energy_supported
+        assert "board-wide" in (device.energy_unsupported_reason or "")
+
+
+def test_discovery_says_why_memory_and_uuid_are_unknown(caplog: pytest.LogCaptureFixture) -> None:
+    gpu = a100()
+    nvml, torch_cuda = fake_machine([gpu])
+    nvml.fail["nvmlDeviceGetMemoryInfo"] = NVML_ERROR_NO_PERMISSION
+    with caplog.at_level(logging.INFO, logger="engine.hardware"):
+        (found,) = discover(Nvml(nvml), torch_cuda=torch_cuda).gpus
+    assert found.memory_total_bytes == gpu.memory_total  # torch's figure stands in
+    assert [r.getMessage() for r in caplog.records if r.name == "engine.hardware"] == [
+        "NVML cannot read the memory of nvml:0 (NVIDIA A100-SXM4-80GB): "
+        "NVML: Insufficient Permissions"
+    ]
+    nvml.fail = {"nvmlDeviceGetUUID": NVML_ERROR_GPU_IS_LOST}
+    (unmatched,) = discover(Nvml(nvml), torch_cuda=torch_cuda).unusable_gpus
+    assert unmatched.unusable_reason == (
+        "NVML gives no UUID for it (NVML: GPU is lost), so it cannot be matched to a CUDA device"
+    )
+    parent = _mig_a100()  # a MIG instance without a UUID says why too
+    nvml = FakeNvml(gpus=[parent], fail={"nvmlDeviceGetUUID": NVML_ERROR_NO_PERMISSION})
+    instances = [m for m in parent.mig_instances if m is not None]
+    info = discover(Nvml(nvml), torch_cuda=FakeTorchCuda.seeing(instances))
+    assert [d.unusable_reason for d in info.unusable_gpus] == [
+        "NVML gives no UUID for it (NVML: Insufficient Permissions), so it cannot be matched "
+        "to a CUDA device"
+    ] * 2
+
+
+# --------------------------------------------------------------------------- cache dir
 
 
 def test_engine_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.cache import engine_cache_dir
+
     target = tmp_path / "nested" / "cache"
     monkeypatch.setenv("AITBC_ENGINE_CACHE", str(target))
-    assert hardware.engine_cache_dir() == target
+    assert hardware.engine_cache_dir() == engine_cache_dir() == target  # the old name still works
     assert target.is_dir()
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 3.0)
-    assert cpu_memory_bandwidth_gbps() == 3.0
-    assert (target / "cpu_bandwidth.json").is_file()
-
-
-def test_memory_bandwidth_per_device(
-    info: HardwareInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert memory_bandwidth_gbps(info.device("cuda:0")) == 900.0
-    assert memory_bandwidth_gbps(info.device("cuda:1")) == 2039.0
-    monkeypatch.setattr(hardware, "measure_cpu_memory_bandwidth_gbps", lambda: 21.0)
-    assert memory_bandwidth_gbps(info.cpu, tmp_path) == 21.0
-    unknown = Device(
-        "cuda:0", "cuda", 0, "NVIDIA GeForce GTX 1080 Ti", "gtx1080ti", 11 * GiB, 11 * GiB,
-        (6, 1), False,
-    )  # fmt: skip
-    assert memory_bandwidth_gbps(unknown) is None
-    a100_40gb = a100(name="NVIDIA A100-SXM4-40GB", memory_total=40 * GiB, memory_free=39 * GiB)
-    small_a100 = discover(
-        Nvml(FakeNvml(gpus=[a100_40gb])), torch_cuda=FakeTorchCuda.seeing([a100_40gb])
-    )
-    assert memory_bandwidth_gbps(small_a100.gpus[0]) == 1555.0
 
 
 # --------------------------------------------------------------------------- module hygiene
 
 
-def test_module_does_not_import_torch_at_top_level() -> None:
-    tree = ast.parse(Path(hardware.__file__).read_text())
-    top_level: list[str] = []
-    for node in tree.body:
+def _imported(nodes: list[ast.stmt] | list[ast.AST]) -> list[str]:
+    """The modules the ``import`` statements among ``nodes`` name."""
+    names: list[str] = []
+    for node in nodes:
         if isinstance(node, ast.Import):
-            top_level += [alias.name for alias in node.names]
+            names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.append(node.module)
-    assert not [m for m in top_level if m.split(".")[0] in {"torch", "transformers", "pynvml"}]
+            names.append(node.module)
+    return names
+
+
+def test_no_module_of_the_package_imports_torch_at_top_level() -> None:
+    """Nor transformers or pynvml; and hardware never imports the benchmarks (bench may
+    import hardware, not the other way round), not even inside a function."""
+    modules = sorted(Path(hardware.__file__).parent.glob("*.py"))
+    assert {m.stem for m in modules} >= {"__init__", "specs", "nvml", "cpu", "discovery"}
+    for module in modules:
+        tree = ast.parse(module.read_text())
+        heavy = {"torch", "transformers", "pynvml"}
+        assert not [m for m in _imported(tree.body) if m.split(".")[0] in heavy], module.name
+        anywhere = _imported(list(ast.walk(tree)))
+        assert not [m for m in anywhere if m.startswith("engine.bench")], module.name

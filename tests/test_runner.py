@@ -328,6 +328,7 @@ def test_four_jobs_sharing_one_gpu_are_billed_the_time_it_was_held_once() -> Non
                for s in shares)
 
 
+@pytest.mark.slow
 def test_a_finished_job_has_released_its_model(registry_path: Path) -> None:
     """The result arrives after the work's lease ends: the model can be evicted at once."""
     with Engine(registry_path, devices=["cpu"]) as eng:

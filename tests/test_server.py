@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import Engine, parse_payload
 from engine.errors import UnknownModelError
 from engine.hardware import discover
+from engine.jobqueue import JobQueue, JobRecord
 from engine.server import (
     JobStore,
     TokenFileError,
@@ -98,6 +100,7 @@ def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str
 
 # ------------------------------------------------------------------ same result everywhere
 
+@pytest.mark.slow
 def test_job_over_http_matches_engine_run_and_cli(client: httpx.Client, registry_path: Path,
                                                   engine: Engine) -> None:
     job = gen_job("The quick brown fox", max_tokens=6)
@@ -149,6 +152,7 @@ def test_embedding_job(client: httpx.Client, engine: Engine) -> None:
     assert engine.run(payload).result_hash == body["result_hash"]
 
 
+@pytest.mark.slow
 def test_smollm2_over_http(client: httpx.Client, registry_path: Path) -> None:
     rows = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     if not rows["smollm2-135m"]["available"]:
@@ -414,11 +418,29 @@ def test_models_load_and_evict(client: httpx.Client) -> None:
     assert_serving(client)
 
 
+def test_models_rows_are_the_cli_rows(client: httpx.Client, registry_path: Path) -> None:
+    cli = subprocess.run([sys.executable, "-m", "engine", "models", "--json", "--registry",
+                          str(registry_path)], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    served = client.get("/v1/models").json()["models"]
+    extra = {"runnable", "warm", "warm_on"}
+    assert [{k: v for k, v in row.items() if k not in extra} for row in served] == \
+        json.loads(cli.stdout)["models"]
+
+
+@pytest.mark.slow
 def test_hardware_is_info_json(client: httpx.Client) -> None:
     served = client.get("/v1/hardware").json()
     local = discover().to_dict()
-    assert set(served) == set(local) | {"fast_paths"}
+    assert set(served) == set(local) | {"cpu_linear_kernel", "fast_paths"}
     assert isinstance(served["fast_paths"], list)
+    cli = subprocess.run([sys.executable, "-m", "engine", "info", "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    info = json.loads(cli.stdout)
+    assert set(info) | {"fast_paths"} == set(served)
+    assert served["cpu_linear_kernel"] == info["cpu_linear_kernel"]
+    assert set(served["cpu_linear_kernel"]) == {"available", "in_use", "reason"}
     assert [d["id"] for d in served["devices"]] == [d["id"] for d in local["devices"]]
     assert served["torch_version"] == local["torch_version"]
 
@@ -445,22 +467,17 @@ def test_metrics_parse_and_move_after_a_job(client: httpx.Client) -> None:
     assert metric_samples(client)[refused] == before.get(refused, 0) + 1
 
 
-def test_estimate_route_only_with_pricing(client: httpx.Client) -> None:
-    from engine.server import _pricing_module
-
+def test_estimate_route_needs_a_profile(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
-    assert ("/v1/estimate" in schema["paths"]) == (_pricing_module() is not None)
+    assert "/v1/estimate" in schema["paths"]
     r = client.post("/v1/estimate", json={"prompt_tokens": 8, "max_tokens": 8,
                                           "price_per_hour": 0.05})
-    if _pricing_module() is None:
-        assert_error(r, 404, "not_found")
-    else:
-        assert_error(r, 409, "no_profile")
+    assert_error(r, 409, "no_profile")
 
 
 def test_estimate_from_a_real_profile(tmp_path: Path, registry_path: Path,
                                       engine: Engine) -> None:
-    pricing = pytest.importorskip("engine.pricing")
+    from engine import pricing
     from engine.bench.report import BenchConfig
     from engine.bench.scenarios import run_bench
 
@@ -488,6 +505,15 @@ def test_estimate_from_a_real_profile(tmp_path: Path, registry_path: Path,
                      "validation_error", "max_tokens")
         assert_error(c.post("/v1/estimate", json={**shape, "extra": 1}), 422, field="extra")
         assert c.post("/v1/estimate", json={**shape, "model": "tiny-gpt2"}).status_code == 200
+        assert body["estimate"]["warnings"] == []  # the server runs jobs as the bench did
+    # A server whose jobs run otherwise than the profile's says so, as `price` does.
+    with Engine(registry_path, devices=["cpu"], batch_size=3) as other, \
+            running_server(create_app(other, token=TOKEN, profile=path)) as url, \
+            httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        r = c.post("/v1/estimate", json=shape)
+        assert r.status_code == 200, r.text
+        warnings = r.json()["estimate"]["warnings"]
+        assert len(warnings) == 1 and "batch_size" in warnings[0] and "3" in warnings[0]
 
 
 # ------------------------------------------------------------------ token, store, helpers
@@ -542,9 +568,29 @@ def test_preload_warms_the_model_and_health_says_so(missing_registry: Path) -> N
             assert eng.pool.is_warm("tiny-gpt2")
 
 
-def test_job_store_keeps_a_bounded_history(engine: Engine) -> None:
-    from engine.server import JobRecord
+def test_job_queue_waits_for_jobs_without_a_thread_each(registry_path: Path) -> None:
+    with Engine(registry_path, devices=["cpu"], batch_size=1) as eng:
+        queue = JobQueue(eng, max_queue=16)
+        loaded = eng.load("tiny-gpt2")
+        with loaded.lock:  # the model is busy: every job waits
+            first = queue.submit(gen_job(max_tokens=1))
+            deadline = time.monotonic() + 60
+            while first.state != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            threads = threading.active_count()
+            records = [queue.submit(gen_job(max_tokens=1)) for _ in range(8)]
+            assert threading.active_count() < threads + len(records)  # not one per job
+            assert queue.in_flight == 9 and queue.store.active_count() == 9
+            assert not any(r.finished.done() for r in records)
+        results = [r.finished.result(60) for r in (first, *records)]
+        assert all(r.ok for r in results)
+        assert asyncio.run(records[-1].outcome()) == results[-1]
+        assert queue.in_flight == 0 and queue.store.active_count() == 0
+        assert all(r.state == "completed" and r.finished_at for r in records)
 
+
+def test_job_store_keeps_a_bounded_history(engine: Engine) -> None:
     store = JobStore(history=2)
     records = []
     for n in range(4):

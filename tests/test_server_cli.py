@@ -102,6 +102,7 @@ def _wait_running(client: httpx.Client, job_id: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_serve_makes_a_private_token_preloads_and_answers_waiting_requests_on_sigterm(
         served: Served) -> None:
     token_file = served.state_dir / "token"
@@ -143,6 +144,7 @@ def test_serve_makes_a_private_token_preloads_and_answers_waiting_requests_on_si
     assert served.proc.returncode in (0, -signal.SIGTERM), log
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_running_jobs_and_cancels_queued_ones(served: Served) -> None:
     client = httpx.Client(base_url=served.url, headers=_token(served), timeout=300)
     assert client.post("/v1/jobs?wait=false", json=_slow_job("slow-running")).status_code == 202

@@ -92,6 +92,7 @@ def fuzz(operation: Any, mode: GenerationMode, url: str) -> Counter[int]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
                          ids=["positive", "negative"])
 def test_no_server_errors(live: tuple[str, dict[str, Any]], mode: GenerationMode) -> None:

@@ -384,6 +384,7 @@ def test_embedding_results(tmp_path: Path) -> None:
             assert not verdict.accepted and "cosine similarity" in verdict.reasons[0]
 
 
+@pytest.mark.slow
 def test_smollm2_bf16_result_accepted_and_tamper_rejected() -> None:
     job = Job(model="smollm2-135m", prompt="The capital of France is",
               params=GenerationParams(max_tokens=6))

@@ -1,8 +1,15 @@
 """The benchmark report: a versioned JSON schema, a markdown rendering and PNG plots.
 
 One directory per run holds ``report.json`` (:class:`Report`), ``report.md``
-and the plots. Knows nothing of torch: :mod:`engine.pricing` reads reports
-through these models.
+and the plots. The report carries the cost model fitted on its single-stream
+runs (:mod:`engine.bench.cost_model`) and the configuration its jobs ran in
+(:class:`RunConfig`). Knows nothing of torch nor of pricing: :mod:`engine.pricing`
+reads reports through these models.
+
+Schema history: ``aitbc-engine.bench/2`` added ``cost_model`` (and
+``no_cost_model``), ``environment.run_config`` and ``config.decode`` /
+``config.batch_size``. Reports of schema ``/1`` are still read: their cost
+model is fitted on reading, and their run configuration is unknown (None).
 """
 
 from __future__ import annotations
@@ -14,20 +21,48 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from engine.base import StrictModel
+from engine.bench.cost_model import CostModel, CostModelError, fit_cost_model
 from engine.bench.roofline import Roofline
 from engine.bench.stats import Summary
 from engine.errors import EngineError
 
-SCHEMA_VERSION = "aitbc-engine.bench/1"
+SCHEMA_VERSION = "aitbc-engine.bench/2"
+SCHEMA_V1 = "aitbc-engine.bench/1"  # read, upgraded on reading (see the module doc)
 
 Scenario = Literal["load", "single", "offline"]
 ALL_SCENARIOS: tuple[Scenario, ...] = ("load", "single", "offline")
+Decode = Literal["auto", "dynamic", "static"]  # the Engine's decode option
 
 
 class ReportError(EngineError):
     """A report file is missing, unreadable, or not of a schema this engine reads."""
 
     code = "invalid_report"
+
+
+class RunConfig(StrictModel):
+    """The configuration jobs run in, as far as it moves their time.
+
+    ``aitbc-engine run``, ``serve`` and ``mine`` run jobs in the engine's
+    defaults (torch's default intra-op thread count, ``default_batch_size`` of
+    the devices, ``decode="auto"``, the CPU linear kernel unless
+    ``AITBC_ENGINE_LINEAR=blas``, the registry's dtype for the device) unless
+    their options say otherwise; ``bench`` runs its single-stream jobs the same
+    way and records the configuration they ran in. An estimate holds for the
+    configuration of its profile.
+    """
+
+    device_class: str  # "cpu" or "cuda:<gpu_type>"
+    dtype: str
+    torch_threads: int  # torch intra-op threads while the jobs ran
+    batch_size: int  # the engine's batch size: jobs of one model that may decode together
+    decode: Decode  # the single-job decode path asked for
+    linear_kernel: str  # "blas" or "row-invariant" (the engine's CPU kernel)
+
+    def differences(self, other: RunConfig) -> list[tuple[str, object, object]]:
+        """``(field, this value, other value)`` for each field where ``other`` differs."""
+        return [(name, getattr(self, name), getattr(other, name))
+                for name in type(self).model_fields if getattr(self, name) != getattr(other, name)]
 
 
 class Environment(StrictModel):
@@ -51,6 +86,8 @@ class Environment(StrictModel):
     weights_digest: str
     dtype: str
     device_class: str
+    # The configuration the single-stream jobs ran in (None: a schema /1 report, not recorded).
+    run_config: RunConfig | None = None
 
 
 class BenchConfig(StrictModel):
@@ -71,7 +108,9 @@ class BenchConfig(StrictModel):
     max_runs: int = 200
     warmup_runs: int = 1
     load_repeats: int = 2
-    threads: int | None = None  # torch intra-op threads (CPU); None: torch's default
+    threads: int | None = None  # torch intra-op threads (CPU); None: torch's default, as jobs
+    decode: Decode = "auto"  # the engine's decode option, as `run --decode`
+    batch_size: int | None = None  # the single-stream engine's; None: the engine's default
     seed: int = 0
     quick: bool = False
 
@@ -190,10 +229,22 @@ class Report(StrictModel):
     # The fast path's decoders (engine.tasks.static_decode.DecoderStats): warm-up seconds,
     # captures and replays per model, dtype and cache-length bucket.
     fast_paths: list[dict[str, Any]] = Field(default_factory=list)
+    # Fitted on the single-stream runs (with_cost_model); None with the reason in no_cost_model.
+    cost_model: CostModel | None = None
+    no_cost_model: str | None = None
 
     def single_runs(self) -> list[RunRecord]:
         """Every measured single-stream run (the raw data a cost model is fitted on)."""
         return [r for p in self.single_stream for r in p.runs]
+
+
+def with_cost_model(report: Report) -> Report:
+    """``report`` with the cost model fitted on its single-stream runs (or the reason why not)."""
+    try:
+        return report.model_copy(update={"cost_model": fit_cost_model(report.single_runs()),
+                                         "no_cost_model": None})
+    except CostModelError as exc:
+        return report.model_copy(update={"cost_model": None, "no_cost_model": exc.message})
 
 
 def read_report(path: str | Path) -> Report:
@@ -209,17 +260,24 @@ def read_report(path: str | Path) -> Report:
                           field="profile") from exc
     except ValueError as exc:
         raise ReportError(f"the report {p} is not JSON: {exc}", field="profile") from exc
-    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
-        found = raw.get("schema_version") if isinstance(raw, dict) else None
+    found = raw.get("schema_version") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or found not in (SCHEMA_VERSION, SCHEMA_V1):
         raise ReportError(f"the report {p} has schema {found!r}; this engine reads "
-                          f"{SCHEMA_VERSION!r} (run the benchmark again)", field="profile")
+                          f"{SCHEMA_VERSION!r} and {SCHEMA_V1!r} (run the benchmark again)",
+                          field="profile")
     try:
-        return Report.model_validate(raw)
+        report = Report.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ReportError(f"the report {p} is invalid at {where}: {first['msg']}",
                           field="profile") from exc
+    if found == SCHEMA_V1:
+        upgraded = with_cost_model(report)
+        return upgraded.model_copy(update={"schema_version": SCHEMA_VERSION, "notes": [
+            *upgraded.notes, f"read from a {SCHEMA_V1} report: cost model fitted on reading; "
+            "the configuration its jobs ran in was not recorded"]})
+    return report
 
 
 def write_report(report: Report, out_dir: str | Path) -> list[Path]:
@@ -268,6 +326,7 @@ def render_markdown(report: Report, plot_names: list[str] | None = None) -> str:
         ["device", f"{env.device.get('id')}: {env.device.get('name')}"],
         ["driver / CUDA", f"{env.driver_version or '-'} / {env.cuda_version or '-'}"],
         ["CPU", f"{env.cpu_name} ({env.cpu_cores} cores, torch threads {env.torch_threads})"],
+        ["jobs ran in", _run_config_text(env.run_config)],
         ["torch / transformers", f"{env.torch_version} / {env.transformers_version}"],
         ["engine / python", f"{env.engine_version} / {env.python_version}"],
     ]))
@@ -345,15 +404,18 @@ def render_markdown(report: Report, plot_names: list[str] | None = None) -> str:
     return "".join(parts)
 
 
-def _cost_model_section(report: Report) -> str:
-    if len({(r.prompt_tokens, r.completion_tokens) for r in report.single_runs()}) < 3:
-        return ""
-    from engine.pricing import PricingError, fit_cost_model
+def _run_config_text(rc: RunConfig | None) -> str:
+    if rc is None:
+        return "not recorded"
+    return (f"{rc.device_class}, {rc.dtype}, {rc.torch_threads} torch thread(s), batch size "
+            f"{rc.batch_size}, decode {rc.decode}, linear layers {rc.linear_kernel}")
 
-    try:
-        fit = fit_cost_model(report)
-    except PricingError:
-        return ""
+
+def _cost_model_section(report: Report) -> str:
+    fit = report.cost_model
+    if fit is None:
+        return f"## Cost model\n\nNone: {report.no_cost_model}\n\n" if report.single_stream \
+            else ""
     return ("## Cost model\n\n"
             f"execution seconds = {fit.fixed_seconds:.4f} + {fit.prefill_seconds_per_token:.6f}"
             f" x prompt tokens + {fit.decode_seconds_per_token:.5f} x output tokens "

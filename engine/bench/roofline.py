@@ -18,7 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.hardware import Device, cpu_memory_bandwidth_gbps, measure_cpu_memory_bandwidth_gbps
+from engine.bench.bandwidth import (
+    cpu_memory_bandwidth_gbps,
+    measure_cpu_memory_bandwidth_gbps,
+    memory_bandwidth_gbps,
+)
+from engine.hardware import Device
 
 FORMULA = ("bound_tokens_per_s = batch_size * bandwidth_bytes_per_s / (weight_bytes + "
            "batch_size * context_tokens * kv_bytes_per_token)")
@@ -87,8 +92,6 @@ def device_bandwidth(device: Device, *, probe: bool = True) -> tuple[float, str]
     engine's cached measurement and (``probe=True``) a fresh probe now, since a
     probe taken while the machine was busy reads low and a bound must not.
     """
-    from engine.hardware import memory_bandwidth_gbps
-
     if device.kind != "cpu":
         gbps = memory_bandwidth_gbps(device)
         return (gbps, f"spec sheet ({device.gpu_type})") if gbps else None

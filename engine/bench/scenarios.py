@@ -5,6 +5,12 @@
 * ``offline``: ``B`` jobs submitted at once to ``Engine(batch_size=B)``, which gathers
   them into one decode batch; each result's ``profile.batch_size`` is recorded.
 
+Single-stream jobs run in the configuration ``run``, ``serve`` and ``mine`` use
+(torch's default thread count, the engine's default batch size, ``decode="auto"``)
+unless the config says otherwise (``threads``, ``batch_size``, ``decode``); the
+report records it (``environment.run_config``) with the cost model fitted on
+those runs, so that ``price`` can tell when an estimate is for another one.
+
 Prompts are seeded random token ids of exact length (``prompt_token_ids``, no
 special tokens), decoded greedily to ``max_tokens``. Each point first runs
 ``warmup_runs`` discarded runs, then repeats until both ``min_runs`` and
@@ -38,8 +44,10 @@ from engine.bench.report import (
     Report,
     RunRecord,
     SinglePoint,
+    with_cost_model,
 )
 from engine.bench.roofline import Roofline, device_bandwidth, kv_bytes_per_token
+from engine.bench.run_config import recorded_run_config
 from engine.bench.stats import summarize
 from engine.errors import EngineError
 from engine.executor import Engine, JobHandle
@@ -52,7 +60,7 @@ from engine.registry import Registry
 QUICK = {"scenarios": ["load", "single", "offline"], "prompt_tokens": [16, 64],
          "new_tokens": [8, 24], "batch_sizes": [1, 2, 4], "offline_prompt_tokens": 16,
          "offline_new_tokens": 16, "min_runs": 2, "min_seconds": 0.5, "warmup_runs": 1,
-         "load_repeats": 1, "threads": 1, "quick": True}
+         "load_repeats": 1, "quick": True}
 
 
 class BenchError(EngineError):
@@ -62,9 +70,9 @@ class BenchError(EngineError):
 
 
 def quick_config(model: str, **overrides: Any) -> BenchConfig:
-    """The ``--quick`` configuration: a small grid, two measured runs per point, and one
-    torch thread (on a CPU shared with other work, intra-op threads that wait on each
-    other make decoding many times slower)."""
+    """The ``--quick`` configuration: a small grid and two measured runs per point, in the
+    configuration jobs run in (torch's default threads, as ``run``; ``threads=1`` pins one,
+    which the report records and ``price`` warns about)."""
     return BenchConfig(model=model, **{**QUICK, **overrides})
 
 
@@ -144,6 +152,8 @@ def _check_config(config: BenchConfig, context_length: int) -> None:
                              field=name)
     if config.min_runs < 1 or config.max_runs < config.min_runs:
         raise BenchError("min-runs must be at least 1 and at most max-runs", field="min_runs")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise BenchError("batch-size must be at least 1", field="batch_size")
     shapes = [(p, n) for p in config.prompt_tokens for n in config.new_tokens]
     shapes.append((config.offline_prompt_tokens, config.offline_new_tokens))
     for p, n in shapes:
@@ -343,7 +353,7 @@ class _Bench:
             with Engine(self.engine.registry, hardware=self.engine.hardware,
                         devices=[d.id for d in self.engine.devices], pool=self.engine.pool,
                         meter=self.engine.meter, weights=self.engine.weights,
-                        dtype=self.engine.dtype, batch_size=size,
+                        dtype=self.engine.dtype, batch_size=size, decode=self.engine.decode,
                         batch_window_seconds=1.0) as batch_engine:
                 counter = 0
 
@@ -437,7 +447,8 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
     with _nvml_session(devices) as nvml:
         meter = RecordingMeter(nvml=nvml)
         engine = Engine(reg, hardware=hardware, devices=[d.id for d in devices], nvml=nvml,
-                        meter=meter, weights=config.weights, dtype=config.dtype)
+                        meter=meter, weights=config.weights, dtype=config.dtype,
+                        batch_size=config.batch_size, decode=config.decode)
         try:
             bench = _Bench(config, engine, meter, bar)
             bar.describe(f"load {config.model}")
@@ -452,8 +463,8 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
                     weight_bytes=loaded.memory_bytes,
                     kv_bytes_per_token=kv_bytes_per_token(loaded.model.config, loaded.dtype_name))
             single = bench.single() if "single" in config.scenarios else []
+            run_config = recorded_run_config(engine, loaded)
             offline = bench.offline() if "offline" in config.scenarios else []
-            torch_threads = torch.get_num_threads()
             fast_paths = [stats.to_dict() for stats in engine.fast_paths()]
         finally:
             engine.close()
@@ -466,11 +477,15 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
         transformers_version=package_version("transformers"), platform=platform.platform(),
         device=device.to_dict(), driver_version=hardware.driver_version,
         cuda_version=hardware.cuda_version, cpu_name=hardware.cpu_name,
-        cpu_cores=hardware.cpu_cores, torch_threads=torch_threads, model=spec.name,
+        cpu_cores=hardware.cpu_cores, torch_threads=run_config.torch_threads, model=spec.name,
         architecture=spec.architecture, parameters=spec.parameters, weights=config.weights,
         weights_digest=loaded.weights_digest, dtype=loaded.dtype_name,
-        device_class=loaded.device_class)
+        device_class=loaded.device_class, run_config=run_config)
     notes = []
+    if run_config.torch_threads != threads_before:
+        notes.append(f"jobs ran with {run_config.torch_threads} torch thread(s); run, serve and "
+                     f"mine use torch's default here ({threads_before}): estimates from this "
+                     "profile are for the benchmark's configuration")
     early = [r for sp in single for r in sp.runs if r.finish_reason != "length"]
     if early:
         notes.append(f"{len(early)} single-stream run(s) ended before max_tokens (EOS or stop); "
@@ -480,6 +495,13 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
         notes.append("a measured decode rate exceeds the roofline bound: the bandwidth figure "
                      "is too low for this machine (a probe taken under load?)")
     policy = {
+        "configuration": "single-stream jobs run in the configuration run, serve and mine use "
+                         "(torch's default threads, the engine's default batch size, "
+                         "decode 'auto') unless threads, batch_size or decode say otherwise; "
+                         "environment.run_config records it",
+        "cost model": "fitted on the single-stream runs (engine.bench.cost_model): "
+                      "execution seconds = fixed + prefill x prompt tokens + decode x output "
+                      "tokens, least squares weighted by 1/seconds",
         "warm-up": f"{config.warmup_runs} discarded run(s) (offline: batch(es)) of the same "
                    "shape before each point; the model is loaded before any point",
         "repeats": f"each point repeats until at least {config.min_runs} measured run(s) AND "
@@ -502,10 +524,10 @@ def run_bench(config: BenchConfig, *, registry: Registry | str | Path | None = N
                             "batching); the batch size each job ran in is read from its "
                             "result's profile.batch_size ('observed')",
     }
-    return Report(created_at=created, duration_seconds=time.perf_counter() - started,
-                  environment=env, config=config, policy=policy, roofline=bench.roofline,
-                  load=load, single_stream=single, offline=offline,
-                  checks=_checks(single, offline), notes=notes, fast_paths=fast_paths)
+    return with_cost_model(Report(
+        created_at=created, duration_seconds=time.perf_counter() - started, environment=env,
+        config=config, policy=policy, roofline=bench.roofline, load=load, single_stream=single,
+        offline=offline, checks=_checks(single, offline), notes=notes, fast_paths=fast_paths))
 
 
 def merge_reports(reports: Sequence[Report]) -> Report:
@@ -517,8 +539,10 @@ def merge_reports(reports: Sequence[Report]) -> Report:
     shapes = [(p.prompt_tokens, p.new_tokens) for p in first.single_stream]
     for other in reports[1:]:
         if [(p.prompt_tokens, p.new_tokens) for p in other.single_stream] != shapes or \
-                other.environment.weights_digest != first.environment.weights_digest:
-            raise BenchError("only reports of the same model and grid can be merged")
+                other.environment.weights_digest != first.environment.weights_digest or \
+                other.environment.run_config != first.environment.run_config:
+            raise BenchError("only reports of the same model and grid (and run configuration) "
+                             "can be merged")
     device = first.environment.device
     points = []
     for k, point in enumerate(first.single_stream):
@@ -527,8 +551,8 @@ def merge_reports(reports: Sequence[Report]) -> Report:
                            requests=len(runs), batch_size=1, device_count=1,
                            is_gpu=device.get("kind") == "cuda", roofline=first.roofline)
         points.append(point.model_copy(update={"runs": runs, "metrics": metrics}))
-    return first.model_copy(update={
+    return with_cost_model(first.model_copy(update={
         "single_stream": points, "offline": [], "load": first.load,
         "duration_seconds": math.fsum(r.duration_seconds for r in reports),
         "checks": _checks(points, []),
-        "notes": [*first.notes, f"merged from {len(reports)} rounds of the same grid"]})
+        "notes": [*first.notes, f"merged from {len(reports)} rounds of the same grid"]}))

@@ -1,17 +1,21 @@
-"""Summary statistics of raw benchmark values: mean, p50, p90, p99 (and min, max)."""
+"""Summary statistics of raw benchmark values: mean, p50, p90, p99 (and min, max).
+
+Percentiles are numpy's (``numpy.percentile``, its default ``method="linear"``:
+linear interpolation between closest ranks), the definition the report states.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+
+from engine.base import StrictModel
 
 
-class Summary(BaseModel):
+class Summary(StrictModel):
     """The distribution of one metric over the runs of a point (seconds unless named otherwise)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     count: int
     mean: float
@@ -22,21 +26,17 @@ class Summary(BaseModel):
     max: float
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) by linear interpolation between closest ranks.
-
-    The same definition as numpy's default (``method="linear"``).
-    """
-    if not values:
-        raise ValueError("percentile of no values")
+def _check_q(q: float) -> None:
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile {q} is outside 0..100")
-    ordered = sorted(float(v) for v in values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    frac = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * frac
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values``: ``numpy.percentile`` (linear)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    _check_q(q)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def summarize(values: Iterable[float | None]) -> Summary | None:
@@ -44,6 +44,6 @@ def summarize(values: Iterable[float | None]) -> Summary | None:
     kept = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not kept:
         return None
-    return Summary(count=len(kept), mean=math.fsum(kept) / len(kept),
-                   p50=percentile(kept, 50), p90=percentile(kept, 90), p99=percentile(kept, 99),
-                   min=min(kept), max=max(kept))
+    p50, p90, p99 = (float(p) for p in np.percentile(np.asarray(kept), [50, 90, 99]))
+    return Summary(count=len(kept), mean=math.fsum(kept) / len(kept), p50=p50, p90=p90,
+                   p99=p99, min=min(kept), max=max(kept))

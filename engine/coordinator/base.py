@@ -12,7 +12,8 @@ from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient
 from engine.coordinator.errors import NotFoundError, redact
 from engine.errors import EngineError, InvalidJobError
-from engine.jobs import Job, JobResult, parse_payload
+from engine.jobs import Job, JobResult
+from engine.payloads import parse_payload
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
-from engine.hardware import cpu_identity, engine_cache_dir
+from engine.cache import engine_cache_dir
+from engine.hardware import cpu_identity
 from engine.kernels import KERNEL_NAME
+from engine.settings import settings
 
 SOURCE = Path(__file__).with_name("rowgemm.c")
 PANEL = 32
@@ -60,7 +62,7 @@ _loaded: tuple[KernelStatus, Any] | None = None
 
 
 def _compiler() -> str | None:
-    named = os.environ.get("CC")
+    named = settings().cc
     if named:
         return shutil.which(named) or (named if Path(named).is_file() else None)
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -295,7 +297,7 @@ def _as_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def blas_requested() -> bool:
     """True when ``AITBC_ENGINE_LINEAR=blas`` asks the engine to keep torch's BLAS on the CPU."""
-    return os.environ.get("AITBC_ENGINE_LINEAR", "").strip().lower() == BLAS_NAME
+    return settings().linear == BLAS_NAME
 
 
 def pack_linear_layers(model: torch.nn.Module, *, respect_setting: bool = True) -> int:
