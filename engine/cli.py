@@ -24,6 +24,7 @@ from engine.options import FLAGS, RunOptions
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli_bench",
     "engine.cli_mine",
+    "engine.cli_receipts",
     "engine.cli_serve",
     "engine.cli_verify",
 )

@@ -32,8 +32,13 @@ def register(subparsers: Any) -> None:
     add_engine_options(p)
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="the coordinator's base URL, e.g. https://coordinator.example:8000")
-    p.add_argument("--dialect", required=True, choices=["doc", "aitbc"],
-                   help="wire protocol: 'doc' (published Miner API) or 'aitbc' (deployed)")
+    p.add_argument("--dialect", required=True, choices=["doc", "aitbc", "auto"],
+                   help="wire protocol: 'doc' (published Miner API), 'aitbc' (deployed), or "
+                        "'auto' (probe the coordinator once and pick; the choice is logged)")
+    p.add_argument("--coordinator-key", default=None, metavar="KEY",
+                   help="the coordinator's Ed25519 public key (hex, base64 or a PEM file) to "
+                        "verify receipts with (default: $AITBC_COORDINATOR_KEY); without one, "
+                        "receipts are kept unverified")
     p.add_argument("--api-key", default=None,
                    help="API key (default: $AITBC_API_KEY; for doc, the one registration gave)")
     p.add_argument("--miner-id", default=None,
@@ -53,7 +58,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heartbeat-interval", type=float, default=15.0)
     p.add_argument("--poll-wait", type=float, default=5.0,
                    help="long-poll seconds (aitbc)")
-    p.add_argument("--idle", type=float, default=2.0, help="pause after an empty poll, seconds")
+    p.add_argument("--idle", type=float, default=2.0,
+                   help="pause after the first empty poll, seconds; it doubles per empty poll "
+                        "up to --max-idle (jittered ±20%%) and falls back after a job")
+    p.add_argument("--max-idle", type=float, default=30.0,
+                   help="longest pause between polls while idle, seconds")
+    p.add_argument("--delivery-settle", type=float, default=30.0,
+                   help="after a result's delivery became uncertain (a timeout, a cut "
+                        "connection), seconds to wait before asking the coordinator whether it "
+                        "arrived; it is resent only if it did not")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="on SIGINT/SIGTERM, how long a running job may finish and be submitted; "
+                        "a job still running then is left in the journal for the next start")
     p.add_argument("--timeout", type=float, default=None, help="job time limit in seconds")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="HTTP read timeout, seconds")
@@ -67,9 +83,11 @@ def _cmd_mine(args: argparse.Namespace) -> int:
         Agent,
         AgentConfig,
         Outbox,
+        ReceiptVerifier,
         UnauthorizedError,
         connect,
         detect_capabilities,
+        detect_dialect,
         redact,
     )
     from engine.loading import availability
@@ -84,6 +102,11 @@ def _cmd_mine(args: argparse.Namespace) -> int:
         logging.basicConfig(stream=sys.stderr)
     secret = settings().api_key
     api_key = args.api_key or (secret.get_secret_value() if secret else None)
+    receipts = ReceiptVerifier(args.coordinator_key or settings().coordinator_key)
+    if args.dialect == "auto":
+        args.dialect, evidence = detect_dialect(args.coordinator, read_timeout=args.read_timeout)
+        logging.getLogger("engine.coordinator").info(
+            "dialect auto: %s serves %s (%s)", args.coordinator, args.dialect, evidence)
     if args.dialect == "aitbc" and not api_key:
         raise EngineError("the aitbc dialect needs an API key: pass --api-key or set "
                           "AITBC_API_KEY", code="usage")
@@ -107,8 +130,11 @@ def _cmd_mine(args: argparse.Namespace) -> int:
               f"({engine.registry.path}); see `aitbc-engine models`", file=sys.stderr)
     config = AgentConfig(max_concurrent=run.max_concurrent, max_jobs=args.max_jobs,
                          once=args.once, heartbeat_interval=args.heartbeat_interval,
-                         poll_wait_seconds=args.poll_wait, idle_seconds=args.idle)
-    agent = Agent(coordinator, engine, outbox, caps, config)
+                         poll_wait_seconds=args.poll_wait, idle_seconds=args.idle,
+                         max_idle_seconds=max(args.max_idle, args.idle),
+                         shutdown_timeout=args.shutdown_timeout,
+                         delivery_settle_seconds=args.delivery_settle)
+    agent = Agent(coordinator, engine, outbox, caps, config, receipts=receipts)
     agent.install_signal_handlers()
     try:
         report = agent.run()

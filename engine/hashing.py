@@ -9,8 +9,9 @@ and ``json`` alone:
   themselves, floats as Python's ``json`` writes them (shortest round-trip
   form, ``0.0`` not ``0``);
 * the object holds ``encoding``, ``model``, ``weights_digest``, ``task``,
-  ``input_sha256`` (hex SHA-256 of the canonical JSON of the job's input),
-  ``params`` (the normalised decoding parameters) and ``output``;
+  ``input_sha256`` (hex SHA-256 of the canonical JSON of the job's input, see
+  :func:`input_document`), ``params`` (the normalised decoding parameters) and
+  ``output``;
 * ``output`` of a generation is ``{"finish_reason", "text", "token_ids"}``; of
   an embedding, ``{"count", "dimensions", "vectors_sha256"}`` where the digest
   is over the float32 little-endian bytes of every vector, in input order;
@@ -42,12 +43,26 @@ def sha256_hex(data: bytes) -> str:
 
 
 def input_document(job: Job) -> dict[str, Any]:
-    """The job's input as the object whose canonical JSON is hashed into ``input_sha256``."""
+    """The job's input as the object whose canonical JSON is hashed into ``input_sha256``.
+
+    ``{"input": [...]}`` for an embedding job; for text generation the one input
+    the job has, ``{"prompt": str}``, ``{"prompt_token_ids": [int, ...]}`` or
+    ``{"messages": [{"content": str, "role": str}, ...]}``, plus ``"system": str``
+    only when the job has a system prompt. A job without ``messages`` or
+    ``system`` hashes exactly as before they existed (still ``aitbc-result/1``).
+    """
     if job.task == "embedding":
         return {"input": list(job.input or [])}
+    doc: dict[str, Any]
     if job.prompt_token_ids is not None:
-        return {"prompt_token_ids": list(job.prompt_token_ids)}
-    return {"prompt": job.prompt}
+        doc = {"prompt_token_ids": list(job.prompt_token_ids)}
+    elif job.messages is not None:
+        doc = {"messages": [{"content": m.content, "role": m.role} for m in job.messages]}
+    else:
+        doc = {"prompt": job.prompt}
+    if job.system is not None:
+        doc["system"] = job.system
+    return doc
 
 
 def input_digest(job: Job) -> str:

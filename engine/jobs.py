@@ -21,6 +21,8 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_STOP_STRINGS = 16
 MAX_PROMPT_CHARS = 1_000_000
 MAX_EMBEDDING_INPUTS = 1024
+MAX_MESSAGES = 1024
+MAX_NOTES = 64
 
 # Field types shared by the job and every wire shape (engine.payloads), so each range is
 # written once.
@@ -31,6 +33,10 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
 StopText = Annotated[str, Field(min_length=1, max_length=256)]
 Stops = Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
+SystemPrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Role = Literal["system", "user", "assistant"]
+Note = Annotated[str, Field(max_length=1024)]
+Notes = Annotated[list[Note], Field(min_length=1, max_length=MAX_NOTES)]
 
 
 class Strict(StrictModel):
@@ -54,6 +60,16 @@ class SamplingParams(Strict):
         return {name: getattr(self, name) for name in SamplingParams.model_fields}
 
 
+class ChatMessage(Strict):
+    """One turn of a chat: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+    role: Role
+    content: Prompt
+
+
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
 class GenerationParams(SamplingParams):
     """Decoding parameters of a text-generation job. ``temperature == 0`` is greedy."""
 
@@ -66,7 +82,15 @@ class GenerationParams(SamplingParams):
 
 
 class Job(Strict):
-    """One unit of work: a model by registry name, a task, its input and parameters."""
+    """One unit of work: a model by registry name, a task, its input and parameters.
+
+    A text-generation job's input is exactly one of ``prompt`` (raw text, run as
+    given), ``messages`` (a chat) or ``prompt_token_ids``; ``system`` (a system
+    prompt) may come with ``prompt`` or ``messages``. A job with ``messages`` or
+    ``system`` is a chat job (:attr:`chat`): its :meth:`conversation` is rendered
+    through the model's chat template (README "Job payloads"). ``notes`` say what
+    the payload it came from held that the engine did not use (keys ignored).
+    """
 
     job_id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
     model: ModelName
@@ -74,26 +98,73 @@ class Job(Strict):
     prompt: Prompt | None = None
     prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]],
                                 Field(min_length=1)] | None = None
+    messages: Messages | None = None
+    system: SystemPrompt | None = None
     input: Texts | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
+    notes: Notes | None = None
 
     @model_validator(mode="after")
     def _check_input(self) -> Job:
         if self.task == "text-generation":
-            if self.input is not None:
-                raise ValueError("input: 'input' is for embedding jobs; a text-generation job "
-                                 "takes 'prompt' or 'prompt_token_ids'")
-            if (self.prompt is None) == (self.prompt_token_ids is None):
-                raise ValueError("prompt: a text-generation job needs exactly one of 'prompt' "
-                                 "or 'prompt_token_ids'")
-            if self.prompt is not None and not self.prompt.strip():
-                raise ValueError("prompt: the prompt is empty")
+            self._check_text_input()
         else:
             if self.input is None:
                 raise ValueError("input: an embedding job needs 'input', a list of strings")
             if self.prompt is not None or self.prompt_token_ids is not None:
                 raise ValueError("prompt: an embedding job takes 'input', not 'prompt'")
+            if self.messages is not None or self.system is not None:
+                raise ValueError("messages: an embedding job takes 'input', not 'messages' "
+                                 "or 'system'")
         return self
+
+    def _check_text_input(self) -> None:
+        if self.input is not None:
+            raise ValueError("input: 'input' is for embedding jobs; a text-generation job "
+                             "takes 'prompt', 'messages' or 'prompt_token_ids'")
+        given = [name for name in ("prompt", "messages", "prompt_token_ids")
+                 if getattr(self, name) is not None]
+        if len(given) != 1:
+            named = "prompt" if not given else given[-1]
+            raise ValueError(f"{named}: a text-generation job needs exactly one of 'prompt', "
+                             f"'messages' or 'prompt_token_ids'"
+                             + (f" (got {' and '.join(given)})" if given else ""))
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt: the prompt is empty")
+        if self.system is not None and self.prompt_token_ids is not None:
+            raise ValueError("system: a system prompt needs a text input ('prompt' or "
+                             "'messages'), not 'prompt_token_ids'")
+        if self.messages is not None:
+            roles = [m.role for m in self.messages]
+            late = next((i for i, r in enumerate(roles) if r == "system" and i > 0), None)
+            if late is not None:
+                raise ValueError(f"messages: a system message may only come first (message "
+                                 f"{late} has the role 'system')")
+            if roles[0] == "system" and self.system is not None:
+                raise ValueError("system: give the system prompt once, as 'system' or as a "
+                                 "first message with the role 'system', not both")
+            if all(r == "system" for r in roles):
+                raise ValueError("messages: the chat needs a 'user' or 'assistant' message")
+
+    @property
+    def chat(self) -> bool:
+        """True for a chat job (``messages`` or ``system`` given): its input is rendered."""
+        return self.messages is not None or self.system is not None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """A chat job's turns as ``{"role", "content"}`` dicts: the system prompt first.
+
+        ``system`` becomes a first ``system`` turn; a ``prompt`` given with it
+        becomes a ``user`` turn. Empty for a job that is not a chat job.
+        """
+        if not self.chat:
+            return []
+        turns = [] if self.system is None else [{"role": "system", "content": self.system}]
+        if self.messages is not None:
+            turns += [{"role": m.role, "content": m.content} for m in self.messages]
+        elif self.prompt is not None:
+            turns.append({"role": "user", "content": self.prompt})
+        return turns
 
     def to_json(self) -> str:
         """The stable JSON form of the job."""
@@ -197,6 +268,9 @@ class JobResult(Strict):
     metrics: Metrics | None = None
     profile: ExecutionProfile | None = None
     error: JobErrorInfo | None = None
+    # What the payload held that the engine did not use (unknown keys ignored), from
+    # Job.notes; absent when there is nothing to say.
+    notes: Notes | None = None
 
     @property
     def ok(self) -> bool:

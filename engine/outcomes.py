@@ -86,7 +86,8 @@ class JobFailure:
 def failed_result(job: Job, err: EngineError) -> JobResult:
     """A failed result carrying the error's code, message and field."""
     return JobResult(job_id=job.job_id, model=job.model, task=job.task, status="failed",
-                     error=JobErrorInfo(code=err.code, message=err.message, field=err.field))
+                     error=JobErrorInfo(code=err.code, message=err.message, field=err.field),
+                     notes=job.notes)
 
 
 def job_metrics(own: Measurement, share: JobShare, *, load_seconds: float, prompt_tokens: int,
@@ -122,7 +123,7 @@ def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | E
         cpu_fallback_reason=cpu_fallback_reason if loaded.devices[0].kind == "cpu" else None)
     return JobResult(job_id=job.job_id, model=job.model, task=job.task, status="completed",
                      output=output, result_hash=result_hash(job, output, loaded.weights_digest),
-                     metrics=metrics, profile=profile)
+                     metrics=metrics, profile=profile, notes=job.notes)
 
 
 def log_result(result: JobResult) -> None:

@@ -3,28 +3,37 @@
 The shapes (PROTOCOLS.md "Job payloads", and the engine's own JSON):
 
 ==================  =============================================================
-:class:`Job`        engine JSON: ``{"model", "task", "prompt" | "input", "params"}``
-:class:`FlatInference`  ``{"type": "inference", "model", "prompt", "max_tokens", ...}``
+:class:`Job`        engine JSON: ``{"model", "task", "prompt" | "messages" | "input", "params"}``
+:class:`FlatInference`  ``{"type": "inference", "model", "prompt" | "messages", "max_tokens", ...}``
+                    (``type`` may be left out when ``prompt`` or ``messages`` is there)
 :class:`EmbeddingPayload`  ``{"type": "embedding", "model", "input"}``
 :class:`ServiceRequest`  ``{"service_type": "llm_inference", "service_request": {...}}``
 ==================  =============================================================
 
 :data:`JobPayload` is their union, told apart by the key that is present
-(``service_type``, then ``type``, then ``task`` or ``params``). The same models
-validate a payload (strict types, unknown keys refused, the ranges of
+(``service_type``, then ``type``, then ``task`` or ``params``, then ``prompt`` or
+``messages``). The same models validate a payload (strict types, the ranges of
 :class:`~engine.jobs.Job`), give the local API's OpenAPI schema of
 ``POST /v1/jobs`` (:func:`payload_json_schema`) and convert to a :class:`Job`
-(``to_job()``). Knows nothing of torch or HTTP.
+(``to_job()``).
+
+The network's shapes are read as the network sends them (:func:`parse_payload`):
+a key the engine does not know is ignored and named in the job's ``notes``
+(never a failure), a key that would change the job's meaning but that the
+engine cannot honour (:data:`REFUSED_KEYS`, e.g. ``stream: true``, ``n: 2``) is
+refused with an ``invalid_job`` error naming it. Engine JSON stays strict (an
+unknown key there is refused). Knows nothing of torch or HTTP.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
+    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -34,14 +43,17 @@ from pydantic import (
 
 from engine.errors import InvalidJobError, UnsupportedJobTypeError
 from engine.jobs import (
+    MAX_NOTES,
     Job,
     JobId,
+    Messages,
     ModelName,
     Prompt,
     SamplingParams,
     Stops,
     StopText,
     Strict,
+    SystemPrompt,
     Text,
     Texts,
 )
@@ -56,24 +68,41 @@ OneOrMoreStops = Annotated[Stops, BeforeValidator(_as_list,
                                                   json_schema_input_type=StopText | Stops)]
 
 
-class FlatInference(SamplingParams):
-    """Text generation with its parameters at the top: ``{"type": "inference", ...}``."""
+# The network's shapes take keys the engine does not read (parse_payload ignores and notes
+# them), so their schema does not forbid other properties.
+_OPEN = ConfigDict(json_schema_extra={"additionalProperties": True})
 
-    type: Literal["inference"]
+
+class FlatInference(SamplingParams):
+    """Text generation with its parameters at the top: ``{"type": "inference", ...}``.
+
+    ``type`` may be left out (the network's miner runs a payload with a
+    ``prompt`` and no ``type`` as inference). The input is ``prompt`` or
+    ``messages`` (a chat), with an optional ``system`` prompt.
+    """
+
+    model_config = _OPEN
+
+    type: Literal["inference"] = "inference"
     job_id: JobId | None = None
     model: ModelName
-    prompt: Prompt
+    prompt: Prompt | None = None
+    messages: Messages | None = None
+    system: SystemPrompt | None = None
     stop: OneOrMoreStops = Field(default_factory=list)
 
     def to_job(self) -> Job:
         """The engine's job."""
         params = {**self.sampling(), "stop": self.stop}
         return _build(_with_id(self.job_id, model=self.model, task="text-generation",
-                               prompt=self.prompt, params=params), rename={"params": ""})
+                               **_text_input(self.prompt, self.messages, self.system),
+                               params=params), rename={"params": ""})
 
 
 class EmbeddingPayload(Strict):
     """An embedding job: ``{"type": "embedding", "model", "input": str | [str, ...]}``."""
+
+    model_config = _OPEN
 
     type: Literal["embedding"]
     job_id: JobId | None = None
@@ -87,16 +116,26 @@ class EmbeddingPayload(Strict):
 
 
 class LlmRequest(SamplingParams):
-    """The ``service_request`` of an ``llm_inference`` service request."""
+    """The ``service_request`` of an ``llm_inference`` service request.
+
+    ``stream`` must be false (a coordinator job returns one result); ``stop``
+    is read as ``stop_sequences``.
+    """
+
+    model_config = _OPEN
 
     model: ModelName
-    prompt: Prompt
+    prompt: Prompt | None = None
+    messages: Messages | None = None
+    system: SystemPrompt | None = None
     stop_sequences: Stops = Field(default_factory=list)
     stream: bool = False
 
 
 class ServiceRequest(Strict):
     """``{"service_type": "llm_inference", "service_request": {...}}``: text generation."""
+
+    model_config = _OPEN
 
     service_type: Literal["llm_inference"]
     job_id: JobId | None = None
@@ -107,10 +146,19 @@ class ServiceRequest(Strict):
         req = self.service_request
         params = {**req.sampling(), "stop": req.stop_sequences}
         return _build(_with_id(self.job_id, model=req.model, task="text-generation",
-                               prompt=req.prompt, params=params),
+                               **_text_input(req.prompt, req.messages, req.system),
+                               params=params),
                       rename={"params.stop": "service_request.stop_sequences",
                               "params": "service_request", "model": "service_request.model",
-                              "prompt": "service_request.prompt"})
+                              "prompt": "service_request.prompt",
+                              "messages": "service_request.messages",
+                              "system": "service_request.system"})
+
+
+def _text_input(prompt: str | None, messages: Any, system: str | None) -> dict[str, Any]:
+    """The text input fields of a Job, only those given (so a plain job's JSON is unchanged)."""
+    given = {"prompt": prompt, "messages": messages, "system": system}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 _ENGINE, _SERVICE, _TYPE = "engine", "service_type:", "type:"
@@ -121,7 +169,8 @@ def payload_kind(value: Any) -> str | None:
 
     ``service_type:<value>`` or ``type:<value>`` by the key present (a value this
     engine does not run gives a tag the union does not hold), else ``engine``
-    for engine JSON (``task`` or ``params`` present).
+    for engine JSON (``task`` or ``params`` present), else ``type:inference``
+    when ``prompt`` or ``messages`` is present (a typeless inference payload).
     """
     if isinstance(value, Mapping):
         if "service_type" in value:
@@ -130,6 +179,8 @@ def payload_kind(value: Any) -> str | None:
             return f"{_TYPE}{value['type']}"
         if "task" in value or "params" in value:
             return _ENGINE
+        if "prompt" in value or "messages" in value:
+            return f"{_TYPE}inference"
         return None
     if isinstance(value, ServiceRequest):
         return f"{_SERVICE}{value.service_type}"
@@ -163,9 +214,11 @@ def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
     """Turn engine JSON or any coordinator payload shape (PROTOCOLS.md) into a :class:`Job`.
 
     ``payload`` may be a mapping, JSON text or UTF-8 bytes. ``job_id`` (the
-    coordinator's id) wins over one inside the payload. Anything that is not a
-    valid job raises :class:`InvalidJobError` (or :class:`UnsupportedJobTypeError`)
-    naming the field to blame.
+    coordinator's id) wins over one inside the payload. In the network's shapes
+    (not engine JSON) unknown keys are ignored and listed in the job's ``notes``,
+    and a key of :data:`REFUSED_KEYS` with other than its neutral value is
+    refused. Anything that is not a valid job raises :class:`InvalidJobError`
+    (or :class:`UnsupportedJobTypeError`) naming the field to blame.
     """
     payload = _decode(payload)
     if not isinstance(payload, Mapping):
@@ -175,11 +228,131 @@ def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
         raise InvalidJobError("invalid job: every key of the payload must be a string")
     if job_id is not None:
         payload = {**payload, "job_id": job_id}
+    payload, notes = _sift_payload(payload)
     try:
         shape = _PAYLOAD.validate_python(payload)
     except ValidationError as exc:
         raise _payload_error(exc, payload) from exc
-    return shape.to_job()
+    job = shape.to_job()
+    return job.model_copy(update={"notes": _bounded(notes)}) if notes else job
+
+
+# ---------------------------------------------------------------- the network's keys
+
+def _is_none_or(*neutral: Any) -> Callable[[Any], bool]:
+    """A test that a value is None or one of ``neutral`` (of the same type: True is not 1)."""
+    return lambda v: v is None or any(type(v) is type(n) and v == n for n in neutral)
+
+
+REFUSED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "stream": (_is_none_or(False), "streaming is not offered: a coordinator job returns one "
+               "result; send false or leave it out"),
+    "n": (_is_none_or(1), "one completion per job; submit one job per completion"),
+    "best_of": (_is_none_or(1), "best-of-n sampling is not offered"),
+    "logprobs": (_is_none_or(False, 0), "log-probabilities are not returned"),
+    "top_logprobs": (_is_none_or(0), "log-probabilities are not returned"),
+    "logit_bias": (_is_none_or({}), "logit biases are not applied"),
+    "echo": (_is_none_or(False), "the output never repeats the prompt"),
+    "suffix": (_is_none_or(""), "insertion (a suffix after the output) is not offered"),
+    "presence_penalty": (_is_none_or(0, 0.0), "presence penalties are not applied; "
+                         "'repetition_penalty' is"),
+    "frequency_penalty": (_is_none_or(0, 0.0), "frequency penalties are not applied; "
+                          "'repetition_penalty' is"),
+    "tools": (_is_none_or([]), "tool calling is not offered"),
+    "functions": (_is_none_or([]), "function calling is not offered"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "constrained output formats are not offered"),
+    "format": (_is_none_or(""), "constrained output formats are not offered"),
+    "images": (_is_none_or([]), "the engine's models read text only"),
+}
+"""Keys that would change a job's meaning but that the engine cannot honour: the test of
+the value that leaves the meaning as the engine runs it (None, false, 1, empty) and why.
+Any other value is refused with an ``invalid_job`` error naming the key."""
+
+# Other names the network's shapes use for a key the shape reads.
+_FLAT_ALIASES = {"stop_sequences": "stop"}
+_SERVICE_ALIASES = {"stop": "stop_sequences"}
+
+
+def _sift_payload(payload: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+    """A network shape's payload as its model reads it, and notes on the keys ignored."""
+    kind = payload_kind(payload)
+    if kind == f"{_TYPE}inference":
+        flat = _merge_parameters(payload)
+        return _sift(flat, FlatInference.model_fields, "", _FLAT_ALIASES)
+    if kind == f"{_TYPE}embedding":
+        return _sift(payload, EmbeddingPayload.model_fields, "", {})
+    if kind == f"{_SERVICE}llm_inference":
+        top, notes = _sift(payload, ServiceRequest.model_fields, "", {})
+        inner = top.get("service_request")
+        if isinstance(inner, Mapping) and all(isinstance(k, str) for k in inner):
+            req, more = _sift(inner, LlmRequest.model_fields, "service_request.",
+                              _SERVICE_ALIASES)
+            top, notes = {**top, "service_request": req}, notes + more
+        return top, notes
+    return payload, []
+
+
+def _merge_parameters(payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A flat payload with its ``parameters`` object (the network's client sends one) read
+    as if its keys were at the top; a key given in both places must agree."""
+    params = payload.get("parameters")
+    if params is None:
+        return payload
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise InvalidJobError("invalid job: field 'parameters': must be an object of "
+                              "generation parameters", field="parameters")
+    merged = {k: v for k, v in payload.items() if k != "parameters"}
+    for key, value in params.items():
+        if key in merged and merged[key] != value:
+            raise InvalidJobError(f"invalid job: field 'parameters.{key}': differs from the "
+                                  f"top-level '{key}'; give it once", field=f"parameters.{key}")
+        merged[key] = value
+    return merged
+
+
+def _sift(body: Mapping[str, Any], known: Collection[str], where: str,
+          aliases: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The keys of ``body`` that ``known`` holds (aliases renamed), and a note per other key.
+
+    A key of :data:`REFUSED_KEYS` with a value other than its neutral one raises
+    :class:`InvalidJobError` naming it (``where`` + key).
+    """
+    kept: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in body.items():
+        if key in REFUSED_KEYS:
+            neutral, why = REFUSED_KEYS[key]
+            if not neutral(value):
+                raise InvalidJobError(f"invalid job: field '{where}{key}': {_short(value)} "
+                                      f"cannot be honoured: {why}", field=f"{where}{key}")
+            if key in known and value is not None:
+                kept[key] = value
+        elif key in aliases and aliases[key] in known:
+            target = aliases[key]
+            if target in body and body[target] != value:
+                raise InvalidJobError(f"invalid job: field '{where}{key}': differs from "
+                                      f"'{where}{target}', which it is another name for; "
+                                      f"give one", field=f"{where}{key}")
+            kept[target] = value
+        elif key in known:
+            kept[key] = value
+        else:
+            notes.append(f"ignored unknown key '{where}{_short(key, 64)}'")
+    return kept, notes
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _bounded(notes: list[str]) -> list[str]:
+    """At most MAX_NOTES notes, in a stable order (the last one says how many were cut)."""
+    notes = sorted(notes)
+    if len(notes) <= MAX_NOTES:
+        return notes
+    return [*notes[:MAX_NOTES - 1], f"... and {len(notes) - MAX_NOTES + 1} more keys ignored"]
 
 
 # ---------------------------------------------------------------- errors
@@ -196,8 +369,8 @@ def _payload_error(err: ValidationError, payload: Mapping[str, Any]) -> InvalidJ
             "'inference' (text generation) and 'embedding' jobs", field="type")
     if kind == "union_tag_not_found":
         return InvalidJobError("invalid job: cannot tell the kind of job; expected engine JSON "
-                               "(with 'task'), a flat payload (with 'type') or a service "
-                               "request (with 'service_type')")
+                               "(with 'task'), a flat payload (with 'type', or with 'prompt' "
+                               "or 'messages') or a service request (with 'service_type')")
     return _invalid_from(err, skip=1)  # the first place of each error is the shape's tag
 
 
@@ -256,6 +429,7 @@ def _decode(payload: Any) -> Any:
 
 
 __all__ = [
+    "REFUSED_KEYS",
     "EmbeddingPayload",
     "FlatInference",
     "JobPayload",

@@ -104,6 +104,12 @@ class EngineSettings(BaseSettings):
     """``AITBC_API_KEY``: the coordinator API key for ``mine`` when ``--api-key`` is not
     given. A ``SecretStr``: its repr and str are masked; ``.get_secret_value()`` reads it."""
 
+    coordinator_key: Annotated[str | None, BeforeValidator(_unset_if_empty)] = _from_env(
+        "AITBC_COORDINATOR_KEY")
+    """``AITBC_COORDINATOR_KEY``: the coordinator's Ed25519 public key that receipts are
+    checked against (64 hex digits, base64, or a PEM file path); None: receipts are kept
+    unchecked (``no_key``). A public key, so not a secret."""
+
     cc: Annotated[str | None, BeforeValidator(_unset_if_empty)] = _from_env("CC")
     """``CC``: the C compiler that builds the CPU kernel (a name on PATH or a path);
     default: ``cc``, else ``gcc``, else ``clang``."""

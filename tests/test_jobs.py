@@ -75,7 +75,9 @@ def test_the_payload_schema_is_the_union_of_the_shapes() -> None:
     assert refs == {"Job", "FlatInference", "EmbeddingPayload", "ServiceRequest"}
     assert refs <= set(defs) and "GenerationParams" in defs
     flat = defs["FlatInference"]
-    assert flat["required"] == ["type", "model", "prompt"] and not flat["additionalProperties"]
+    # type may be left out and the input is prompt or messages; other keys are ignored.
+    assert flat["required"] == ["model"] and flat["additionalProperties"] is True
+    assert {"prompt", "messages", "system"} <= set(flat["properties"])
     assert flat["properties"]["max_tokens"]["maximum"] == \
         defs["GenerationParams"]["properties"]["max_tokens"]["maximum"]
 
@@ -98,7 +100,8 @@ def test_the_payload_schema_is_the_union_of_the_shapes() -> None:
     ({"type": "inference", "model": "gpt2", "prompt": "x", "top_p": 1.5}, "top_p", "invalid_job"),
     ({"type": "inference", "model": "gpt2", "prompt": "x", "temperature": True}, "temperature",
      "invalid_job"),
-    ({"type": "inference", "model": "gpt2", "prompt": "x", "colour": 1}, "colour", "invalid_job"),
+    ({"type": "inference", "model": "gpt2", "prompt": "x", "stream": True}, "stream",
+     "invalid_job"),
     ({"task": "text-generation", "model": "gpt2", "prompt": "x", "extra": 1}, "extra",
      "invalid_job"),
     ({"task": "translation", "model": "gpt2", "prompt": "x"}, "task", "invalid_job"),
@@ -118,12 +121,17 @@ def test_the_payload_schema_is_the_union_of_the_shapes() -> None:
     ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": " "}},
      "service_request.prompt", "invalid_job"),
     ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": "x",
-                                                           "stop": ["a"]}},
+                                                           "stop": ["a"],
+                                                           "stop_sequences": ["b"]}},
      "service_request.stop", "invalid_job"),
+    ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": "x",
+                                                           "stream": True}},
+     "service_request.stream", "invalid_job"),
     ({"service_type": "llm_inference", "service_request": {"model": "gpt2", "prompt": "x",
                                                            "stream": 1}},
      "service_request.stream", "invalid_job"),
-    ({"prompt": "x", "model": "gpt2"}, None, "invalid_job"),
+    ({"model": "gpt2", "max_tokens": 4}, None, "invalid_job"),
+    ({"prompt": "x"}, "model", "invalid_job"),
 ])
 def test_bad_payloads_name_the_field(payload: dict[str, Any], field: str | None,
                                      code: str) -> None:
@@ -146,7 +154,9 @@ def test_unsupported_type_is_its_own_error() -> None:
     with pytest.raises(UnsupportedJobTypeError, match="unsupported service_type 'tts'"):
         parse_payload({"service_type": "tts", "service_request": {}})
     with pytest.raises(InvalidJobError, match="cannot tell the kind of job"):
-        parse_payload({"model": "gpt2", "prompt": "x"})
+        parse_payload({"model": "gpt2"})
+    # A prompt (or messages) with no type is an inference job, as the network's miner runs it.
+    assert parse_payload({"model": "gpt2", "prompt": "x"}).task == "text-generation"
 
 
 def test_the_coordinator_job_id_wins() -> None:
@@ -176,7 +186,8 @@ _json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4) | 
     st.text(max_size=10), inner, max_size=4), max_leaves=12)
 _keys = st.sampled_from(["type", "model", "prompt", "max_tokens", "temperature", "top_p",
                          "top_k", "seed", "stop", "input", "task", "params", "service_type",
-                         "service_request", "job_id", "repetition_penalty", "prompt_token_ids"])
+                         "service_request", "job_id", "repetition_penalty", "prompt_token_ids",
+                         "messages", "system", "stream", "n", "parameters", "colour"])
 _values = (st.sampled_from(["inference", "embedding", "llm_inference", "text-generation",
                             "gpt2", "Hello GPU", "", "transcribe"]) | _json)
 _payloads = st.dictionaries(_keys, _values, max_size=8) | st.fixed_dictionaries(

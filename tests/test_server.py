@@ -201,6 +201,17 @@ def test_wait_false_returns_202_then_the_result(client: httpx.Client) -> None:
     assert_error(client.delete(f"/v1/jobs/{accepted['job_id']}"), 409, "job_finished", "job_id")
 
 
+def test_a_job_id_beyond_latin_1_is_accepted_with_an_ascii_location(
+        client: httpx.Client) -> None:
+    """Found by the schema fuzzer: the Location header of a 202 was a 500 for such an id."""
+    job_id = "jöb-✓-\U0004c116"
+    r = client.post("/v1/jobs", params={"wait": "false"},
+                    json={**gen_job(max_tokens=1), "job_id": job_id})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == r.json()["url"] == "/v1/jobs/j%C3%B6b-%E2%9C%93-%F1%8C%84%96"
+    assert wait_state(client, job_id, {"completed", "failed"})["state"] == "completed"
+
+
 def test_duplicate_job_id_is_409(client: httpx.Client) -> None:
     job = {**gen_job(max_tokens=1), "job_id": "dup-job-1"}
     assert client.post("/v1/jobs", json=job).status_code == 200

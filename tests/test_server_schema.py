@@ -62,10 +62,14 @@ def runnable(raw: dict[str, Any]) -> dict[str, Any]:
     job["properties"]["model"] = {"const": "tiny-gpt2"}
     job["properties"]["task"] = {"const": "text-generation"}
     job["properties"]["prompt"] = {"type": "string", "pattern": "[A-Za-z]", "maxLength": 40}
-    for key in ("prompt_token_ids", "input"):
-        del job["properties"][key]
+    for key in ("prompt_token_ids", "input", "messages", "system", "notes"):
+        job["properties"].pop(key, None)  # one input only: the prompt
     job["required"] = ["model", "task", "prompt"]
     components["GenerationParams"]["properties"]["max_tokens"]["maximum"] = 4
+    # The network's shapes accept any extra key and any model name, so generated bodies of
+    # theirs are refused (404, 422) as they should be; aim positive bodies at engine JSON.
+    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    body["schema"] = {"$ref": "#/components/schemas/Job"}
     return doc
 
 

@@ -27,17 +27,56 @@ from engine.coordinator.errors import (
     ConflictError,
     CoordinatorError,
     CoordinatorUnavailableError,
+    DeliveryUncertainError,
+    DialectMismatchError,
     NotFoundError,
     ProtocolError,
     RateLimitedError,
+    RequestAbortedError,
     ServerError,
     UnauthorizedError,
     ValidationFailedError,
     redact,
 )
 from engine.coordinator.outbox import Outbox
+from engine.coordinator.receipts import (
+    ReceiptCheck,
+    ReceiptKeyError,
+    ReceiptVerifier,
+    canonical_receipt_bytes,
+    load_public_key,
+)
 
 DIALECTS = ("doc", "aitbc")
+
+
+def detect_dialect(base_url: str, *, connect_timeout: float = 5.0,
+                   read_timeout: float = 30.0) -> tuple[str, str]:
+    """Which dialect the coordinator at ``base_url`` serves, from one probe: ``PUT
+    /v1/miners/{id}`` is a doc route (answered 401/404/422 without a key) and answers 405
+    on the deployed aitbc coordinator (the path exists there for DELETE only).
+
+    Returns ``(dialect, evidence)``; raises a :class:`CoordinatorError` when the
+    coordinator cannot be reached or answers neither way.
+    """
+    client = CoordinatorClient(base_url.rstrip("/"), connect_timeout=connect_timeout,
+                               read_timeout=read_timeout, headers={"User-Agent": "aitbc-engine"})
+    try:
+        client.request("PUT", "/v1/miners/dialect-probe", json_body={})
+        status: int | None = 200
+    except (ServerError, CoordinatorUnavailableError):
+        raise
+    except CoordinatorError as exc:
+        status = exc.status
+    finally:
+        client.close()
+    evidence = f"PUT /v1/miners/{{id}} → {status}"
+    if status == 405:
+        return "aitbc", evidence
+    if status in (401, 403, 404, 422):
+        return "doc", evidence
+    raise DialectMismatchError(f"{base_url} serves neither dialect's routes ({evidence}); "
+                               "check the URL", route="PUT /v1/miners/{id}", coordinator=base_url)
 
 
 def connect(dialect: str, base_url: str, *, api_key: str | None = None,
@@ -75,8 +114,10 @@ __all__ = [
     "AITBC_LIMITS", "DIALECTS", "DOC_LIMITS", "Ack", "Agent", "AgentConfig", "AgentReport",
     "AitbcCoordinator", "AssignedJob", "BadRequestError", "Capabilities", "ConflictError",
     "Coordinator", "CoordinatorClient", "CoordinatorError", "CoordinatorUnavailableError",
-    "DocCoordinator", "GpuCapability", "Identity", "MinerUnknownError", "NotFoundError",
-    "Outbox", "ProtocolError", "RateLimit", "RateLimitedError", "RateLimiter", "RetryPolicy",
-    "ServerError", "TokenBucket", "UnauthorizedError", "ValidationFailedError", "connect",
-    "detect_capabilities", "redact",
+    "DeliveryUncertainError", "DialectMismatchError", "DocCoordinator", "GpuCapability",
+    "Identity", "MinerUnknownError", "NotFoundError", "Outbox", "ProtocolError", "RateLimit",
+    "RateLimitedError", "RateLimiter", "ReceiptCheck", "ReceiptKeyError", "ReceiptVerifier",
+    "RequestAbortedError", "RetryPolicy", "ServerError", "TokenBucket", "UnauthorizedError",
+    "ValidationFailedError", "canonical_receipt_bytes", "connect", "detect_capabilities",
+    "detect_dialect", "load_public_key", "redact",
 ]

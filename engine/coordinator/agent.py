@@ -3,12 +3,35 @@
 Order of work on start: establish the session (register, or for ``doc`` reuse
 the saved identity), submit whatever the outbox holds, deal with jobs that
 were accepted by a process that died (re-run, or drop with a log line; see
-:meth:`Coordinator.still_assigned` and each dialect's docstring), then loop.
+:meth:`Coordinator.still_assigned` and each dialect's docstring), run the jobs
+the coordinator shows assigned to us that the journal never saw
+(:meth:`Coordinator.assigned_jobs`: a kill between the poll's reply and the
+journal), then loop.
 
-Every finished job is journalled before it is submitted and leaves the
-journal only on the coordinator's acknowledgement. A submission is marked in
-the journal before it is sent, so after a crash a ``409`` on the resubmission
-is read as the coordinator already holding our own result.
+Exactly once: a job is journalled the moment its bytes arrive (the dialect's
+``on_arrival`` hook, before the payload is even read), every finished job is
+journalled before it is submitted, and leaves the journal only on the
+coordinator's acknowledgement. A submission is marked in the journal before it
+is sent. A result whose delivery is uncertain (a timeout or a cut connection
+after sending, a crash while sending) is never resent blind: where the
+coordinator stores and pays every copy (``aitbc``), the agent first asks it
+(:meth:`Coordinator.delivery`, after ``delivery_settle_seconds`` so that a
+request the coordinator is still working on can land) and resends only on "not
+delivered"; where it cannot be asked, the body stays in the journal and the
+agent asks again later.
+Where the coordinator refuses a copy (``doc``), a ``409`` on the resubmission
+is read as it already holding our own result.
+
+Stopping: SIGINT/SIGTERM end every wait (idle, backoff, ``Retry-After``)
+within a fraction of a second; no poll is sent after a stop is requested; a
+running job finishes and is submitted (bounded by ``shutdown_timeout``; a job
+still running then is left in the journal and run again on the next start);
+then the miner says goodbye (a heartbeat of 0 and deregistration). After a
+``401`` nothing more is sent.
+
+Idle back-off: after each empty poll the pause doubles from ``idle_seconds``
+(2 s) up to ``max_idle_seconds`` (30 s), with ±20 % jitter so that miners
+behind one address spread out; one job brings it back to 2 s.
 
 Errors: ``401`` stops the agent (:class:`UnauthorizedError` propagates, never a
 loop); a miner the coordinator forgot is registered again; ``409`` on accept
@@ -22,6 +45,7 @@ The agent knows nothing of torch: it is handed an Engine (anything with
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -36,13 +60,17 @@ from engine.coordinator.errors import (
     BadRequestError,
     ConflictError,
     CoordinatorError,
+    DeliveryUncertainError,
+    DialectMismatchError,
     NotFoundError,
     RateLimitedError,
+    RequestAbortedError,
     UnauthorizedError,
     ValidationFailedError,
     redact,
 )
 from engine.coordinator.outbox import Outbox
+from engine.coordinator.receipts import ReceiptVerifier
 from engine.jobs import Job, JobResult
 
 log = logging.getLogger(__name__)
@@ -71,10 +99,15 @@ class AgentConfig:
     once: bool = False  # take at most one job, then exit
     heartbeat_interval: float = 15.0
     poll_wait_seconds: float = 5.0  # long-poll wait where the dialect has one
-    idle_seconds: float = 2.0  # pause after an empty poll
+    idle_seconds: float = 2.0  # pause after the first empty poll
+    max_idle_seconds: float = 30.0  # the pause doubles per empty poll up to this
+    idle_jitter: float = 0.2  # each pause is scaled by a random factor in 1 ± this
     error_backoff_seconds: float = 1.0  # first pause after a coordinator error (doubles, capped)
     max_error_backoff_seconds: float = 30.0
     retry_pending_seconds: float = 5.0  # how often unacknowledged results are resent
+    # After an attempt whose delivery is uncertain, how long to leave the coordinator to
+    # finish a request it may still be working on before asking whether it arrived.
+    delivery_settle_seconds: float = 30.0
     shutdown_timeout: float = 60.0  # how long running jobs may finish on a stop
     deregister_on_exit: bool = True
 
@@ -89,6 +122,12 @@ class AgentReport:
     results_submitted: int = 0
     failures_reported: int = 0
     duplicates_recognised: int = 0
+    delivery_unconfirmed: int = 0  # resends held back because delivery could not be checked
+    recovered_assigned: int = 0  # jobs the coordinator showed ours that the journal never saw
+    left_for_next_start: int = 0  # jobs still running at the shutdown deadline
+    idle_polls: int = 0
+    receipts_verified: int = 0
+    receipts_invalid: int = 0
     recovered_submitted: int = 0
     rerun: int = 0
     dropped: int = 0
@@ -116,8 +155,12 @@ class Agent:
     """One miner at one coordinator. ``run()`` blocks until done or stopped."""
 
     def __init__(self, coordinator: Coordinator, engine: EngineLike, outbox: Outbox,
-                 capabilities: Capabilities, config: AgentConfig | None = None) -> None:
+                 capabilities: Capabilities, config: AgentConfig | None = None, *,
+                 receipts: ReceiptVerifier | None = None) -> None:
+        """``receipts`` checks each receipt's signature against the coordinator's public key
+        (without one, signed receipts are kept as ``no_key``, unsigned ones as ``unsigned``)."""
         self.coordinator = coordinator
+        self.receipts = receipts or ReceiptVerifier()
         self.engine = engine
         self.outbox = outbox
         self.capabilities = capabilities
@@ -132,7 +175,11 @@ class Agent:
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self._error_streak = 0
+        self._idle_streak = 0
+        self._uncertain_at: dict[str, float] = {}  # job id -> when its delivery became uncertain
+        self._rng = random.Random()
         self._taking = True
+        coordinator.client.abort = self._stop  # every wait inside a call ends on stop
 
     # ------------------------------------------------------------ control
     def stop(self) -> None:
@@ -172,7 +219,12 @@ class Agent:
             self._start_heartbeats()
             self._drain_outbox()
             self._recover_in_flight()
+            self._recover_assigned()
             self._loop()
+        except UnauthorizedError as exc:
+            self._fatal = exc  # nothing more is sent with a rejected key
+        except RequestAbortedError:
+            pass  # a stop ended a wait inside a call
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -187,8 +239,8 @@ class Agent:
                 self._need_register.clear()
                 self._save_identity()
                 return
-            except UnauthorizedError:
-                raise
+            except (UnauthorizedError, DialectMismatchError):
+                raise  # never retried: the key or the dialect must change
             except CoordinatorError as exc:
                 self.report.errors[type(exc).__name__] += 1
                 log.warning("cannot register at %s: %s; retrying in %.1fs",
@@ -208,6 +260,7 @@ class Agent:
         self.report.reregistered += 1
         self._establish()
         self._heartbeat_now()  # eligible for jobs again at once
+        self._recover_assigned()
 
     def _loop(self) -> None:
         limit = 1 if self.config.once else self.config.max_jobs
@@ -229,18 +282,23 @@ class Agent:
             if limit is not None and self.report.jobs_taken >= limit:
                 self._taking = False
             if not self._taking:
-                if self.inflight == 0:
+                if self.inflight == 0 and not self._settling():
                     break
-                time.sleep(0.02)
+                self._stop.wait(0.02)
                 continue
             if self.inflight >= self.config.max_concurrent:
                 time.sleep(0.02)
                 continue
             wait = self.config.poll_wait_seconds if self.inflight == 0 else 0.0
+            if self._stop.is_set():
+                break  # no poll once a stop is requested
             try:
-                assigned = self.coordinator.next_job(wait_seconds=wait)
+                assigned = self.coordinator.next_job(wait_seconds=wait,
+                                                     on_arrival=self._journal_arrival)
             except UnauthorizedError:
                 raise
+            except RequestAbortedError:
+                break
             except MinerUnknownError:
                 self._need_register.set()
                 continue
@@ -255,10 +313,27 @@ class Agent:
                     continue
                 self._idle()
                 continue
+            self._idle_streak = 0
             self._start(assigned)
 
+    def idle_pause(self) -> float:
+        """The pause after the current run of empty polls: doubling from ``idle_seconds``
+        to ``max_idle_seconds``, jittered by ``idle_jitter``."""
+        cfg = self.config
+        base = min(cfg.max_idle_seconds, cfg.idle_seconds * 2 ** max(0, self._idle_streak - 1))
+        return base * (1 + self._rng.uniform(-cfg.idle_jitter, cfg.idle_jitter))
+
+    def _journal_arrival(self, job_id: str, payload: Any) -> None:
+        """The dialect's on_arrival hook: journal the job before anything else is done."""
+        self.outbox.accepted(self.scope, job_id, payload)
+
     def _idle(self) -> None:
-        deadline = time.monotonic() + self.config.idle_seconds
+        self._idle_streak += 1
+        self.report.idle_polls += 1
+        pause = self.idle_pause()
+        log.debug("no job at %s: next poll in %.1fs (about %.1f polls a minute)",
+                  self.coordinator.base_url, pause, 60.0 / max(pause, 1e-3))
+        deadline = time.monotonic() + pause
         while time.monotonic() < deadline and not self._stop.is_set():
             if self.inflight:
                 self._collect()
@@ -285,6 +360,9 @@ class Agent:
             log.warning("job %s was already acknowledged by %s; not running it again",
                         assigned.job_id, self.coordinator.base_url)
             self.report.skipped += 1
+            if self.outbox.get(scope, assigned.job_id) is not None:
+                self.outbox.drop(scope, assigned.job_id, "assigned again after it was "
+                                 "acknowledged; not run again")
             return
         if ack is not None:
             # We read a 409 as the coordinator holding our own earlier result; assigning the
@@ -293,7 +371,9 @@ class Agent:
                         "result; running it again", assigned.job_id)
             self.outbox.forget_ack(scope, assigned.job_id)
         if journal:
-            self.outbox.accepted(scope, assigned.job_id, assigned.payload)
+            entry = self.outbox.get(scope, assigned.job_id)
+            if entry is None or entry.state != "accepted":  # else journalled on arrival
+                self.outbox.accepted(scope, assigned.job_id, assigned.payload)
         self.report.jobs_taken += 1
         if assigned.job is None:
             err = assigned.error
@@ -348,6 +428,10 @@ class Agent:
         if self.outbox.was_acked(scope, job_id):
             log.warning("job %s: already acknowledged; not sending it again", job_id)
             return True
+        if prior_attempts > 0 and not self.coordinator.dedupes_results:
+            settled = self._settle_uncertain(job_id, kind)
+            if settled is not None:
+                return settled
         self.outbox.attempted(scope, job_id, "sending")
         try:
             if kind == "result":
@@ -390,6 +474,8 @@ class Agent:
             return True
         except CoordinatorError as exc:
             self.report.errors[type(exc).__name__] += 1
+            if isinstance(exc, DeliveryUncertainError) or exc.uncertain:
+                self._uncertain_at[job_id] = time.monotonic()
             log.warning("job %s: %s not delivered yet (%s); kept in the journal, will resend",
                         job_id, kind, exc.message)
             self.outbox.attempted(scope, job_id, exc.message)
@@ -399,7 +485,15 @@ class Agent:
                                             "the job is left to expire")
             self.report.dropped += 1
             return True
-        self.outbox.acknowledge(scope, job_id, receipt=ack.receipt, duplicate=ack.duplicate)
+        check = self.receipts.check(ack.receipt) if ack.receipt is not None else None
+        if check is not None and check.status == "invalid":
+            log.warning("job %s: the receipt's signature does not verify with the coordinator "
+                        "key (%s); kept apart as invalid", job_id, check.reason)
+            self.report.receipts_invalid += 1
+        elif check is not None and check.verified:
+            self.report.receipts_verified += 1
+        self.outbox.acknowledge(scope, job_id, receipt=ack.receipt, duplicate=ack.duplicate,
+                                receipt_check=check)
         if ack.duplicate:
             self.report.duplicates_recognised += 1
         if kind == "result":
@@ -407,6 +501,58 @@ class Agent:
         else:
             self.report.failures_reported += 1
         return True
+
+    def _settling(self) -> bool:
+        """Whether a result of uncertain delivery is still waiting to be asked about (a
+        ``--once`` or ``--max-jobs`` run stays until it is settled; a stop does not wait)."""
+        if not self._uncertain_at:
+            return False
+        pending = {e.job_id for e in self.outbox.pending(self.scope)}
+        for job_id in list(self._uncertain_at):
+            if job_id not in pending:
+                del self._uncertain_at[job_id]
+        return bool(self._uncertain_at)
+
+    def _settle_uncertain(self, job_id: str, kind: Literal["result", "failure"]) -> bool | None:
+        """An earlier attempt may have landed: ask before resending. None: send it now;
+        True: settled without sending (delivered, or no longer ours); False: kept."""
+        scope = self.scope
+        since = self._uncertain_at.get(job_id)
+        if since is not None and time.monotonic() - since < self.config.delivery_settle_seconds:
+            return False  # the earlier request may still be landing: ask later
+        self._uncertain_at.pop(job_id, None)  # asked once now; a run may end after this
+        try:
+            verdict = self.coordinator.delivery(job_id, kind)
+            reason = ""
+        except UnauthorizedError as exc:
+            self._fatal = exc
+            return False
+        except CoordinatorError as exc:
+            verdict, reason = "unknown", exc.message
+        if verdict == "not_delivered":
+            log.info("job %s: %s confirms our earlier %s did not arrive; sending it",
+                     job_id, self.coordinator.base_url, kind)
+            return None
+        if verdict == "delivered":
+            log.info("job %s: %s already holds our %s from an earlier attempt; not sent again",
+                     job_id, self.coordinator.base_url, kind)
+            self.outbox.acknowledge(scope, job_id, duplicate=True)
+            self.report.duplicates_recognised += 1
+            return True
+        if verdict == "not_ours":
+            log.warning("job %s: dropped, %s no longer shows it assigned to us", job_id,
+                        self.coordinator.base_url)
+            self.outbox.drop(scope, job_id, "no longer assigned to us; our earlier "
+                             f"{kind} did not arrive")
+            self.report.dropped += 1
+            return True
+        why = f" ({reason})" if reason else ""
+        log.warning("job %s: cannot confirm whether our earlier %s arrived%s; kept in the "
+                    "journal and not resent blind (a resent result is paid twice); will ask "
+                    "again", job_id, kind, why)
+        self.outbox.attempted(scope, job_id, f"delivery unconfirmed{why}")
+        self.report.delivery_unconfirmed += 1
+        return False
 
     # ------------------------------------------------------------ journal replay
     def _drain_outbox(self, *, quiet: bool = False) -> None:
@@ -455,6 +601,35 @@ class Agent:
             self._start(build_job(entry.job_id, entry.payload), journal=False)
             self.report.jobs_taken = taken  # a re-run is not a newly taken job
 
+    def _recover_assigned(self) -> None:
+        """Run the jobs the coordinator shows running for us that the journal never saw."""
+        if self._fatal is not None or self._stop.is_set():
+            return
+        try:
+            assigned = self.coordinator.assigned_jobs()
+        except UnauthorizedError:
+            raise
+        except CoordinatorError as exc:
+            log.warning("cannot ask %s which jobs are assigned to us (%s); a job taken by a "
+                        "process killed before journalling it stays with the coordinator",
+                        self.coordinator.base_url, exc.message)
+            return
+        scope = self.scope
+        for job in assigned or []:
+            with self._lock:
+                running = job.job_id in self._running
+            if running or self.outbox.get(scope, job.job_id) is not None \
+                    or self.outbox.was_acked(scope, job.job_id):
+                continue
+            log.warning("job %s is assigned to us at %s but was never journalled (a process "
+                        "stopped between the poll's reply and the journal); running it",
+                        job.job_id, self.coordinator.base_url)
+            self.outbox.accepted(scope, job.job_id, job.payload)
+            self.report.recovered_assigned += 1
+            taken = self.report.jobs_taken
+            self._start(job, journal=False)
+            self.report.jobs_taken = taken
+
     # ------------------------------------------------------------ heartbeats
     def _heartbeat_now(self) -> None:
         try:
@@ -484,10 +659,15 @@ class Agent:
             if self._hard_stop.is_set() or time.monotonic() > deadline:
                 with self._lock:
                     running = list(self._running.values())
+                    self._running.clear()
                 for r in running:
-                    log.warning("job %s: cancelled at shutdown", r.job.job_id)
+                    # Not reported as failed: the journal keeps it as accepted and the next
+                    # start runs it again (or drops it if it is no longer ours).
+                    log.warning("job %s: still running at shutdown; cancelled and left in the "
+                                "journal %s for the next start", r.job.job_id, self.outbox.path)
                     r.handle.cancel()
-                deadline = float("inf")
+                    self.report.left_for_next_start += 1
+                break
             self._collect()
             time.sleep(0.02)
         self._hb_stop.set()

@@ -8,29 +8,45 @@ agent registers again. After ``/fail`` the coordinator keeps the slot taken,
 so the agent sends a heartbeat with the true in-flight count
 (:attr:`heartbeat_after_failure`).
 
-There is no per-job status call either: a job journalled as accepted whose
-process died is re-run on restart and its result submitted; a ``404``/``409``
-on that submission is the coordinator saying it no longer holds the job for
-us, and the job is dropped with a log line.
+The deployed result route checks neither the job's state nor its owner: a
+result sent twice is stored and paid twice. So a result is posted once
+(``resend=False``: no blind retry after a timeout or a cut connection), and
+before any second attempt :meth:`delivery` reads the miner's own job list
+(``POST /v1/miners/{miner_id}/jobs?job_status=...``): COMPLETED (or FAILED, for
+a failure) there means delivered, RUNNING means not yet, absent means the job
+is no longer ours. The same list of RUNNING jobs gives :meth:`assigned_jobs`
+(jobs assigned to us that a killed process never journalled) and
+:meth:`still_assigned`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from engine.coordinator.base import (
     Ack,
+    ArrivalHook,
     AssignedJob,
     Coordinator,
+    Delivery,
     Identity,
     MinerUnknownError,
     build_job,
+    public_message,
 )
 from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient, RateLimit
-from engine.coordinator.errors import ConflictError, NotFoundError, ProtocolError, ServerError
+from engine.coordinator.errors import (
+    ConflictError,
+    CoordinatorError,
+    CoordinatorUnavailableError,
+    DialectMismatchError,
+    NotFoundError,
+    ProtocolError,
+    ServerError,
+)
 from engine.jobs import JobResult
 
 log = logging.getLogger(__name__)
@@ -42,7 +58,12 @@ AITBC_LIMITS: dict[str, RateLimit] = {
     "poll": RateLimit(100, 60.0),
     "result": RateLimit(50, 60.0),
     "fail": RateLimit(50, 60.0),
+    "jobs": RateLimit(200, 60.0),
 }
+
+#: Jobs per page when reading the miner's job list, and the most pages read (newest first).
+JOB_PAGE = 100
+MAX_JOB_PAGES = 20
 
 
 def result_metrics(result: JobResult) -> dict[str, Any]:
@@ -70,6 +91,8 @@ class AitbcCoordinator(Coordinator):
 
     dialect = "aitbc"
     heartbeat_after_failure = True
+    reports_assignment = True
+    dedupes_results = False
 
     def __init__(self, client: CoordinatorClient, identity: Identity, *,
                  bearer: str | None = None) -> None:
@@ -124,7 +147,8 @@ class AitbcCoordinator(Coordinator):
                                     coordinator=exc.coordinator) from exc
         return reply.body if isinstance(reply.body, dict) else {}
 
-    def next_job(self, *, wait_seconds: float = 0.0) -> AssignedJob | None:
+    def next_job(self, *, wait_seconds: float = 0.0,
+                 on_arrival: ArrivalHook | None = None) -> AssignedJob | None:
         """``POST /v1/miners/poll``: a job, or None on ``204``."""
         wait = max(0, int(wait_seconds))
         try:
@@ -142,13 +166,15 @@ class AitbcCoordinator(Coordinator):
             raise ProtocolError(f"{self.base_url} POST /v1/miners/poll: a job without a string "
                                 f"job_id: {str(body)[:200]}", route="POST /v1/miners/poll",
                                 coordinator=self.base_url)
+        if on_arrival is not None:
+            on_arrival(body["job_id"], body.get("payload"))
         return build_job(body["job_id"], body.get("payload"))
 
     def submit_result(self, job_id: str, body: dict[str, Any]) -> Ack:
         """``POST /v1/miners/{job_id}/result``; keeps the receipt when one comes."""
         try:
             reply = self.client.request("POST", f"/v1/miners/{job_id}/result", json_body=body,
-                                        buckets=("result",))
+                                        buckets=("result",), resend=False)
         except ConflictError as exc:
             if exc.uncertain:
                 log.info("aitbc: job %s already holds a result from an earlier, cut-off attempt "
@@ -164,12 +190,73 @@ class AitbcCoordinator(Coordinator):
         """``POST /v1/miners/{job_id}/fail`` (then the agent heartbeats the true in-flight)."""
         try:
             reply = self.client.request("POST", f"/v1/miners/{job_id}/fail", json_body=body,
-                                        buckets=("fail",))
+                                        buckets=("fail",), resend=False)
         except ConflictError as exc:
             if exc.uncertain:
                 return Ack(duplicate=True)
             raise
         return Ack(body=reply.body)
+
+    def _jobs(self, status: str) -> list[Mapping[str, Any]]:
+        """The miner's jobs in ``status``, newest first (up to ``JOB_PAGE * MAX_JOB_PAGES``).
+
+        The deployed route answers a failed listing with 200 and an ``error`` key; that,
+        and any reply without a ``jobs`` list, is a :class:`ProtocolError` (cannot say).
+        """
+        route = f"POST /v1/miners/{self.identity.miner_id}/jobs"
+        found: list[Mapping[str, Any]] = []
+        for page in range(MAX_JOB_PAGES):
+            reply = self.client.request(
+                "POST", f"/v1/miners/{self.identity.miner_id}/jobs?job_status={status}"
+                f"&limit={JOB_PAGE}&offset={page * JOB_PAGE}", buckets=("jobs",))
+            body = reply.body
+            jobs = body.get("jobs") if isinstance(body, Mapping) else None
+            if not isinstance(jobs, list) or (isinstance(body, Mapping) and body.get("error")):
+                raise ProtocolError(f"{self.base_url} {route}: no job list in the reply "
+                                    f"({str(body)[:200]})", route=route,
+                                    coordinator=self.base_url)
+            found += [j for j in jobs if isinstance(j, Mapping)
+                      and isinstance(j.get("job_id"), str)]
+            if len(jobs) < JOB_PAGE:
+                break
+        return found
+
+    def delivery(self, job_id: str, kind: Literal["result", "failure"]) -> Delivery:
+        """From the miner's job list: RUNNING → not delivered; COMPLETED (FAILED for a
+        failure) → delivered; neither → no longer ours. Raises a CoordinatorError when the
+        list cannot be read (the agent then keeps the body and asks again later)."""
+        if any(j["job_id"] == job_id for j in self._jobs("RUNNING")):
+            return "not_delivered"
+        done = "COMPLETED" if kind == "result" else "FAILED"
+        if any(j["job_id"] == job_id for j in self._jobs(done)):
+            return "delivered"
+        return "not_ours"
+
+    def assigned_jobs(self) -> list[AssignedJob]:
+        """The jobs RUNNING for this miner, with their payloads (from the job list)."""
+        return [build_job(str(j["job_id"]), j.get("payload")) for j in self._jobs("RUNNING")]
+
+    def still_assigned(self, job_ids: list[str]) -> dict[str, bool] | None:
+        """Which of ``job_ids`` are RUNNING for this miner."""
+        running = {j["job_id"] for j in self._jobs("RUNNING")}
+        return {job_id: job_id in running for job_id in job_ids}
+
+    def probe(self) -> str:
+        """``PUT /v1/miners/{id}`` answers 405 here (the path exists for DELETE only); a
+        ``doc`` coordinator serves that route, so any other answer is not this dialect."""
+        route = f"PUT /v1/miners/{self.identity.miner_id}"
+        try:
+            self.client.request("PUT", f"/v1/miners/{self.identity.miner_id}", json_body={})
+            status: int | None = 200
+        except (ServerError, CoordinatorUnavailableError):
+            raise
+        except CoordinatorError as exc:
+            if exc.status == 405:
+                return "aitbc (PUT /v1/miners/{id} → 405)"
+            status = exc.status
+        raise DialectMismatchError(
+            f"{self.base_url} does not serve the aitbc protocol ({route} → {status}, as a doc "
+            "coordinator answers); try --dialect doc", route=route, coordinator=self.base_url)
 
     def stats(self) -> dict[str, Any]:
         """``POST /v1/miners/{miner_id}/earnings``."""
@@ -200,6 +287,8 @@ class AitbcCoordinator(Coordinator):
         }
         if result.profile is not None:
             res["profile"] = result.profile.model_dump(mode="json")
+        if result.notes:
+            res["notes"] = list(result.notes)  # payload keys ignored, stored with the result
         return {"result": res, "metrics": result_metrics(result)}
 
     def failure_body(self, job_id: str, code: str, message: str,
@@ -207,7 +296,7 @@ class AitbcCoordinator(Coordinator):
         """``{"error_code", "error_message", "metrics"}``."""
         metrics = result_metrics(result) if result is not None else {
             "units": 0.0, "unit_type": "cpu_seconds", "duration_ms": 0}
-        return {"error_code": code, "error_message": message[:2000],
+        return {"error_code": code, "error_message": public_message(message)[:2000],
                 "metrics": {k: v for k, v in metrics.items() if k in (
                     "units", "unit_type", "duration_ms", "execution_time_seconds",
                     "gpu_time_seconds")}}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient
@@ -70,6 +74,35 @@ def build_job(job_id: str, payload: Any, *, model_hint: str | None = None) -> As
     return AssignedJob(job_id, payload, job=job, model=job.model)
 
 
+#: What a coordinator says of a result we may already have delivered.
+#: ``delivered``: it holds our result (or failure) for the job: never send it again;
+#: ``not_delivered``: the job is still running for us: sending is safe;
+#: ``not_ours``: the job is no longer ours (expired, cancelled, finished elsewhere): drop it;
+#: ``unknown``: it cannot be asked or did not answer: keep the body and ask again later.
+Delivery = Literal["delivered", "not_delivered", "not_ours", "unknown"]
+
+#: Called by :meth:`Coordinator.next_job` with ``(job_id, payload)`` the moment a job's
+#: bytes are decoded, before anything else (the agent journals it there).
+ArrivalHook = Callable[[str, Any], None]
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])(?:~|/)[^\s'\"<>|,;()]*[^\s'\"<>|,;().]")
+
+
+def public_message(message: str) -> str:
+    """``message`` fit to leave this machine: local paths and the user's name taken out.
+
+    Failure messages go to the coordinator and on to the client; a registry path or a
+    cache folder says nothing useful there and names the operator's account.
+    """
+    text = _ABSOLUTE_PATH.sub("<local path>", message)
+    names = {Path.home().name}
+    with contextlib.suppress(KeyError, OSError):
+        names.add(getpass.getuser())
+    for name in sorted((n for n in names if len(n) >= 3), key=len, reverse=True):
+        text = re.sub(rf"\b{re.escape(name)}\b", "<user>", text)
+    return text
+
+
 def num(value: Any) -> float:
     """A finite float from a metric value (0.0 for None)."""
     return float(value) if value is not None else 0.0
@@ -89,6 +122,10 @@ class Coordinator(ABC):
     heartbeat_after_failure: bool = False
     #: whether the coordinator can be asked if a job is still assigned to us
     reports_assignment: bool = False
+    #: whether a resent result is refused (409) rather than stored and paid again; where
+    #: it is not, a result whose first delivery is uncertain is resent only after
+    #: :meth:`delivery` says ``not_delivered``
+    dedupes_results: bool = False
 
     def __init__(self, client: CoordinatorClient, identity: Identity) -> None:
         self.client = client
@@ -118,8 +155,12 @@ class Coordinator(ABC):
         """Tell the coordinator we are alive, with the true in-flight count."""
 
     @abstractmethod
-    def next_job(self, *, wait_seconds: float = 0.0) -> AssignedJob | None:
-        """Take the next job this machine can run, or None when there is none."""
+    def next_job(self, *, wait_seconds: float = 0.0,
+                 on_arrival: ArrivalHook | None = None) -> AssignedJob | None:
+        """Take the next job this machine can run, or None when there is none.
+
+        ``on_arrival(job_id, payload)`` runs as soon as the job's bytes are decoded,
+        before the payload is read into a job (the agent journals the job there)."""
 
     @abstractmethod
     def submit_result(self, job_id: str, body: dict[str, Any]) -> Ack:
@@ -149,6 +190,22 @@ class Coordinator(ABC):
     def still_assigned(self, job_ids: list[str]) -> dict[str, bool] | None:
         """Which of ``job_ids`` the coordinator shows still assigned to us; None: cannot say."""
         return None
+
+    def delivery(self, job_id: str, kind: Literal["result", "failure"]) -> Delivery:
+        """Whether the coordinator already holds our ``kind`` for ``job_id`` (see
+        :data:`Delivery`); ``unknown`` where the dialect cannot ask."""
+        return "unknown"
+
+    def assigned_jobs(self) -> list[AssignedJob] | None:
+        """The jobs the coordinator shows assigned to us and still running, with their
+        payloads; None where the dialect cannot list them."""
+        return None
+
+    def probe(self) -> str:
+        """A short description of what serves the dialect's routes at :attr:`base_url`;
+        raises :class:`~engine.coordinator.errors.DialectMismatchError` when they are not
+        there."""
+        return self.dialect
 
     def close(self) -> None:
         """Close the HTTP connections."""

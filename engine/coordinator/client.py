@@ -24,8 +24,10 @@ import httpx
 
 from engine.coordinator.errors import (
     CoordinatorUnavailableError,
+    DeliveryUncertainError,
     ProtocolError,
     RateLimitedError,
+    RequestAbortedError,
     ServerError,
     error_from_response,
 )
@@ -175,6 +177,9 @@ class CoordinatorClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
+        #: Set by the agent when it stops: every wait inside a call (Retry-After, backoff)
+        #: ends at once with :class:`RequestAbortedError`, and no further attempt is made.
+        self.abort: threading.Event | None = None
         self._http = httpx.Client(
             base_url=self.base_url, headers=dict(headers or {}), transport=transport,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -195,12 +200,24 @@ class CoordinatorClient:
         with self._lock:
             self.stats.retries[reason] += 1
 
+    def _wait(self, seconds: float, route: str) -> None:
+        """Sleep between attempts; ends at once (raising) when :attr:`abort` is set."""
+        if self.abort is None:
+            self._sleep(seconds)
+        elif self.abort.wait(seconds):
+            raise RequestAbortedError(f"{self.base_url} {route}: not retried, the miner is "
+                                      "stopping", route=route, coordinator=self.base_url)
+
     def request(self, method: str, path: str, *, json_body: Any = None, send_body: bool = False,
                 buckets: Iterable[str] = ("all",), extra_read_seconds: float = 0.0,
-                retry_server_errors: bool = True) -> Reply:
+                retry_server_errors: bool = True, resend: bool = True) -> Reply:
         """One coordinator call with retries; raises a typed :class:`CoordinatorError`.
 
         ``send_body`` sends ``json_body`` even when it is None (as ``null``).
+        ``resend=False`` is for calls that must not be repeated blind (a result, which
+        the deployed coordinator stores and pays again): once an attempt may have reached
+        the coordinator (a timeout or a cut connection after sending, a 5xx), the call
+        raises :class:`DeliveryUncertainError` instead of trying again.
         """
         route = f"{method} {path}"
         policy = self.retry
@@ -234,6 +251,11 @@ class CoordinatorClient:
                 uncertain = uncertain or sent
                 reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
                 failures += 1
+                if sent and not resend:
+                    raise DeliveryUncertainError(
+                        f"{self.base_url} {route}: {type(exc).__name__} after the request was "
+                        "sent; it may have been received, so it is not sent again blind",
+                        route=route, coordinator=self.base_url) from exc
                 if failures >= policy.max_attempts:
                     raise CoordinatorUnavailableError(
                         f"{self.base_url} {route}: {type(exc).__name__}: {exc or 'no detail'} "
@@ -242,7 +264,7 @@ class CoordinatorClient:
                 self._count(reason)
                 delay = policy.backoff(failures, self._rng)
                 log.info("%s: %s (%s), retry in %.2fs", route, reason, type(exc).__name__, delay)
-                self._sleep(delay)
+                self._wait(delay, route)
                 continue
             if resp.status_code < 400:
                 return Reply(resp.status_code, self._decode(body_bytes, resp, route),
@@ -260,8 +282,11 @@ class CoordinatorClient:
                     raise err
                 self._count("429")
                 log.info("%s: rate limited, waiting %.2fs (Retry-After)", route, wait)
-                self._sleep(wait)
+                self._wait(wait, route)
                 continue
+            if isinstance(err, ServerError) and not resend:
+                err.uncertain = True
+                raise err
             if isinstance(err, ServerError) and retry_server_errors:
                 uncertain = True
                 failures += 1
@@ -270,7 +295,7 @@ class CoordinatorClient:
                 self._count("5xx")
                 delay = policy.backoff(failures, self._rng)
                 log.info("%s: %d from coordinator, retry in %.2fs", route, resp.status_code, delay)
-                self._sleep(delay)
+                self._wait(delay, route)
                 continue
             raise err
 

@@ -10,6 +10,13 @@ tries ``POST .../jobs/{id}/fail`` once, and on 404/405 logs that the job is
 left to expire and stops trying. It also has no per-job status call; the one
 thing it says is ``jobs_assigned`` in the heartbeat reply, which
 :meth:`still_assigned` uses: 0 means nothing is assigned to us any more.
+
+A resent completion is answered 409 (the reference's "already assigned"), so
+results are never paid twice here (:attr:`dedupes_results`). A coordinator
+that answers ``POST /v1/miners`` with 401, 404 or 405 and ``PUT
+/v1/miners/{id}`` with 405 does not serve this protocol at all (the deployed
+``aitbc`` coordinator does exactly that): :class:`DialectMismatchError` says so
+instead of blaming the key.
 """
 
 from __future__ import annotations
@@ -20,16 +27,26 @@ from typing import Any
 
 from engine.coordinator.base import (
     Ack,
+    ArrivalHook,
     AssignedJob,
     Coordinator,
     Identity,
     MinerUnknownError,
     build_job,
     num,
+    public_message,
 )
 from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient, RateLimit, Reply
-from engine.coordinator.errors import ConflictError, NotFoundError, ProtocolError, redact
+from engine.coordinator.errors import (
+    ConflictError,
+    CoordinatorError,
+    DialectMismatchError,
+    NotFoundError,
+    ProtocolError,
+    UnauthorizedError,
+    redact,
+)
 from engine.errors import InvalidJobError
 from engine.jobs import JobResult
 
@@ -50,6 +67,7 @@ class DocCoordinator(Coordinator):
 
     dialect = "doc"
     reports_assignment = True
+    dedupes_results = True
 
     def __init__(self, client: CoordinatorClient, identity: Identity | None = None, *,
                  name: str = "aitbc-engine", bearer: bool = False,
@@ -107,7 +125,11 @@ class DocCoordinator(Coordinator):
                 log.warning("doc: %s no longer knows miner %s; registering again",
                             self.base_url, self.identity.miner_id)
         self._use_key(None)
-        reply = self.client.request("POST", "/v1/miners", json_body=fields)
+        try:
+            reply = self.client.request("POST", "/v1/miners", json_body=fields)
+        except (UnauthorizedError, NotFoundError) as exc:
+            self._check_served("POST /v1/miners", exc)
+            raise
         body = reply.body
         if not isinstance(body, Mapping) or not isinstance(body.get("miner_id"), str) \
                 or not isinstance(body.get("api_key"), str):
@@ -120,6 +142,39 @@ class DocCoordinator(Coordinator):
         log.info("doc: registered as %s at %s (key %s, status %s)", self.identity.miner_id,
                  self.base_url, redact(self.identity.api_key), body.get("status"))
         return dict(body)
+
+    def _check_served(self, what: str, exc: CoordinatorError) -> None:
+        """After a 401/404/405 on registration: raise :class:`DialectMismatchError` when the
+        coordinator does not serve this protocol's miner routes at all (``PUT
+        /v1/miners/{id}`` → 404/405, where a doc coordinator checks the key first)."""
+        if exc.status not in (401, 404, 405):
+            return
+        try:
+            self.client.request("PUT", "/v1/miners/dialect-probe", json_body={})
+            return
+        except CoordinatorError as probe:
+            if probe.status not in (404, 405):
+                return
+            raise DialectMismatchError(
+                f"this coordinator ({self.base_url}) does not serve the doc protocol ({what} → "
+                f"{exc.status}, PUT /v1/miners/{{id}} → {probe.status}); try --dialect aitbc",
+                status=exc.status, route=what, coordinator=self.base_url) from exc
+
+    def probe(self) -> str:
+        """``PUT /v1/miners/{id}`` exists on a doc coordinator (it answers 401/404/422
+        without our key); 405 or a missing route means another protocol."""
+        try:
+            self.client.request("PUT", "/v1/miners/dialect-probe", json_body={})
+        except CoordinatorError as exc:
+            if exc.status in (404, 405) and "miner" not in exc.message.lower():
+                raise DialectMismatchError(
+                    f"this coordinator ({self.base_url}) does not serve the doc protocol "
+                    f"(PUT /v1/miners/{{id}} → {exc.status}); try --dialect aitbc",
+                    status=exc.status, route="PUT /v1/miners/{id}",
+                    coordinator=self.base_url) from exc
+            if exc.status is None or exc.status >= 500:
+                raise
+        return "doc (PUT /v1/miners/{id} is served)"
 
     def heartbeat(self, inflight: int) -> dict[str, Any]:
         """``POST /v1/miners/{id}/heartbeat`` with ``jobs_running``."""
@@ -144,7 +199,8 @@ class DocCoordinator(Coordinator):
         count = item.get("gpu_count", 1)
         return isinstance(count, int) and count <= max(1, caps.gpu_count)
 
-    def next_job(self, *, wait_seconds: float = 0.0) -> AssignedJob | None:
+    def next_job(self, *, wait_seconds: float = 0.0,
+                 on_arrival: ArrivalHook | None = None) -> AssignedJob | None:
         """List available jobs, keep those this machine can run, accept the first one free."""
         reply = self._call("GET", self._miner_path("/jobs/available"))
         body = reply.body
@@ -170,6 +226,10 @@ class DocCoordinator(Coordinator):
             except NotFoundError:
                 log.info("doc: job %s vanished before accept; next", job_id)
                 continue
+            if on_arrival is not None:
+                body = accepted.body
+                on_arrival(job_id, body.get("payload", body.get("input"))
+                           if isinstance(body, Mapping) else body)
             return self._assigned(job_id, item, accepted.body)
         return None
 
@@ -246,6 +306,6 @@ class DocCoordinator(Coordinator):
                      result: JobResult | None = None) -> dict[str, Any]:
         """A failure body in the ``aitbc`` shape (the reference defines none)."""
         m = result.metrics if result is not None else None
-        return {"error_code": code, "error_message": message[:2000],
+        return {"error_code": code, "error_message": public_message(message)[:2000],
                 "metrics": {"execution_time_seconds": num(m.execution_time_seconds if m else 0),
                             "gpu_time_seconds": num(m.gpu_time_seconds if m else 0)}}

@@ -97,6 +97,27 @@ class CoordinatorUnavailableError(CoordinatorError):
     code = "coordinator_unavailable"
 
 
+class DeliveryUncertainError(CoordinatorUnavailableError):
+    """A non-idempotent call (a result) may have reached the coordinator but no answer came.
+
+    Never resent blind: the agent asks the coordinator whether it holds the body first.
+    """
+
+    code = "coordinator_delivery_uncertain"
+
+
+class RequestAbortedError(CoordinatorError):
+    """A wait inside a call (``Retry-After``, backoff) was cut short because the agent stops."""
+
+    code = "coordinator_request_aborted"
+
+
+class DialectMismatchError(CoordinatorError):
+    """The coordinator does not serve the chosen dialect's routes (404/405 on them)."""
+
+    code = "coordinator_dialect_mismatch"
+
+
 class ProtocolError(CoordinatorError):
     """The coordinator answered with something that is not what its protocol says."""
 

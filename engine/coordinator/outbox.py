@@ -5,7 +5,13 @@ assigns it, then ``result`` or ``failure`` (with the exact wire body) when it
 finishes, before anything is submitted. Only the coordinator's acknowledgement
 removes it, moving it to ``acked`` (with the receipt, when one came) in the
 same transaction; ``acked`` is checked before any submission, so a result is
-never sent again after it was acknowledged. A body the coordinator refused
+never sent again after it was acknowledged. Each ``acked`` row also keeps the
+receipt's verification (``verified``/``invalid``/``unsigned``/``no_key``, or
+NULL when it was not checked), the job's model, its priced terms (units, unit
+type, unit price, price: see :func:`engine.coordinator.receipts.priced_terms`)
+and the UTC day of the acknowledgement; a journal from before these columns
+gains them when it is opened (old rows get their day and the terms their
+receipt states). A body the coordinator refused
 (400/422) is kept as ``rejected`` for inspection; a job the coordinator no
 longer holds for us is kept as ``dropped`` with the reason.
 """
@@ -21,7 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from engine.coordinator.receipts import priced_terms
+
+if TYPE_CHECKING:
+    from engine.coordinator.receipts import ReceiptCheck
 
 State = Literal["accepted", "result", "failure", "rejected", "dropped"]
 
@@ -47,6 +58,14 @@ CREATE TABLE IF NOT EXISTS acked (
     acked_at REAL NOT NULL,
     receipt TEXT,
     duplicate INTEGER NOT NULL DEFAULT 0,
+    verification TEXT,
+    verification_reason TEXT,
+    model TEXT,
+    units REAL,
+    unit_type TEXT,
+    unit_price REAL,
+    price REAL,
+    day TEXT,
     PRIMARY KEY (scope, job_id)
 );
 CREATE TABLE IF NOT EXISTS identity (
@@ -54,6 +73,15 @@ CREATE TABLE IF NOT EXISTS identity (
     data TEXT NOT NULL
 );
 """
+
+# Columns ``acked`` gained after its first release: added to an older journal when opened.
+_ACKED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("verification", "TEXT"), ("verification_reason", "TEXT"), ("model", "TEXT"),
+    ("units", "REAL"), ("unit_type", "TEXT"), ("unit_price", "REAL"), ("price", "REAL"),
+    ("day", "TEXT"),
+)
+_ACKED_FIELDS = ("scope, job_id, kind, acked_at, receipt, duplicate, verification, "
+                 "verification_reason, model, units, unit_type, unit_price, price, day")
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,37 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _day(at: float) -> str:
+    """The UTC calendar day of a timestamp, ``YYYY-MM-DD``."""
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
+def _model_of(result: Any, payload: Any, receipt: Any) -> str | None:
+    """The job's model: the engine's result, else the coordinator's payload, else the receipt's."""
+    if isinstance(result, dict) and isinstance(result.get("model"), str):
+        return str(result["model"])
+    for source in (payload, (receipt.get("metadata") or {}).get("job_payload")
+                   if isinstance(receipt, dict) and isinstance(receipt.get("metadata"), dict)
+                   else None):
+        if not isinstance(source, dict):
+            continue
+        if isinstance(source.get("model"), str):
+            return str(source["model"])
+        request = source.get("service_request")
+        if isinstance(request, dict) and isinstance(request.get("model"), str):
+            return str(request["model"])
+    if isinstance(receipt, dict) and isinstance(receipt.get("model"), str):
+        return str(receipt["model"])
+    return None
+
+
+def _acked_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {"scope": r[0], "job_id": r[1], "kind": r[2], "acked_at": r[3],
+            "receipt": _loads(r[4]), "duplicate": bool(r[5]), "verification": r[6],
+            "verification_reason": r[7], "model": r[8], "units": r[9], "unit_type": r[10],
+            "unit_price": r[11], "price": r[12], "day": r[13]}
+
+
 class Outbox:
     """The journal at ``path`` (created, with its folder, when missing). Thread-safe."""
 
@@ -92,8 +151,37 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         with contextlib.suppress(OSError):
             self.path.chmod(0o600)  # it holds the doc dialect's api key
+
+    def _migrate(self) -> None:
+        """Add the ``acked`` columns a journal written by an older engine lacks, and fill them.
+
+        In one write transaction, so two processes opening the same old journal at
+        once add each column once.
+        """
+        with self._lock:
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(acked)")}
+        if all(name in have for name, _ in _ACKED_COLUMNS):
+            return
+        with self._tx() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(acked)")}
+            missing = [(name, kind) for name, kind in _ACKED_COLUMNS if name not in have]
+            if not missing:
+                return
+            for name, kind in missing:
+                db.execute(f"ALTER TABLE acked ADD COLUMN {name} {kind}")
+            rows = db.execute("SELECT scope, job_id, kind, acked_at, receipt FROM acked "
+                              "WHERE day IS NULL").fetchall()
+            for scope, job_id, kind, acked_at, receipt_text in rows:
+                receipt = _loads(receipt_text)
+                terms = priced_terms(receipt, None, priced=kind == "result")
+                db.execute("UPDATE acked SET model = ?, units = ?, unit_type = ?, "
+                           "unit_price = ?, price = ?, day = ? WHERE scope = ? AND job_id = ?",
+                           (_model_of(None, None, receipt), terms["units"], terms["unit_type"],
+                            terms["unit_price"], terms["price"], _day(acked_at), scope,
+                            job_id))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -140,16 +228,31 @@ class Outbox:
                        "WHERE scope = ? AND job_id = ?", (note, time.time(), scope, job_id))
 
     def acknowledge(self, scope: str, job_id: str, *, receipt: dict[str, Any] | None = None,
-                    duplicate: bool = False) -> None:
-        """The coordinator acknowledged: move the entry to ``acked`` in one transaction."""
+                    duplicate: bool = False, receipt_check: ReceiptCheck | None = None) -> None:
+        """The coordinator acknowledged: move the entry to ``acked`` in one transaction.
+
+        ``receipt_check`` is the outcome of checking ``receipt``'s signature (None:
+        not checked, or no receipt). The job's model and priced terms are taken from
+        the entry being moved (its payload, body metrics and result) and the receipt.
+        """
+        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state FROM entries WHERE scope = ? AND job_id = ?",
-                             (scope, job_id)).fetchone()
+            row = db.execute("SELECT state, payload, body, result FROM entries "
+                             "WHERE scope = ? AND job_id = ?", (scope, job_id)).fetchone()
             kind = row[0] if row else "result"
+            payload, body, result = ((_loads(row[1]), _loads(row[2]), _loads(row[3])) if row
+                                     else (None, None, None))
+            metrics = body.get("metrics") if isinstance(body, dict) else None
+            terms = priced_terms(receipt, metrics, priced=kind != "failure")
             db.execute("DELETE FROM entries WHERE scope = ? AND job_id = ?", (scope, job_id))
             db.execute("INSERT OR REPLACE INTO acked (scope, job_id, kind, acked_at, receipt, "
-                       "duplicate) VALUES (?, ?, ?, ?, ?, ?)",
-                       (scope, job_id, kind, time.time(), _dumps(receipt), int(duplicate)))
+                       "duplicate, verification, verification_reason, model, units, unit_type, "
+                       "unit_price, price, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (scope, job_id, kind, now, _dumps(receipt), int(duplicate),
+                        receipt_check.status if receipt_check is not None else None,
+                        receipt_check.reason if receipt_check is not None else None,
+                        _model_of(result, payload, receipt), terms["units"],
+                        terms["unit_type"], terms["unit_price"], terms["price"], _day(now)))
 
     def _set_state(self, scope: str, job_id: str, state: State, note: str) -> None:
         with self._tx() as db:
@@ -221,14 +324,20 @@ class Outbox:
             db.execute("DELETE FROM acked WHERE scope = ? AND job_id = ?", (scope, job_id))
 
     def acked(self, scope: str | None = None) -> list[dict[str, Any]]:
-        """Acknowledged jobs with their receipts."""
-        sql = "SELECT scope, job_id, kind, acked_at, receipt, duplicate FROM acked"
+        """Acknowledged jobs, oldest first, each a dict with these keys.
+
+        ``scope``, ``job_id``, ``kind`` (``result``/``failure``), ``acked_at``,
+        ``receipt``, ``duplicate``; ``verification`` (``verified``, ``invalid``,
+        ``unsigned``, ``no_key``, or None: not checked) and ``verification_reason``;
+        ``model``, ``units``, ``unit_type``, ``unit_price``, ``price`` (None where
+        unknown) and ``day`` (UTC, ``YYYY-MM-DD``).
+        """
+        sql = f"SELECT {_ACKED_FIELDS} FROM acked"
         with self._lock:
             rows = (self._db.execute(sql + " WHERE scope = ? ORDER BY acked_at", (scope,))
                     if scope is not None else self._db.execute(sql + " ORDER BY acked_at")
                     ).fetchall()
-        return [{"scope": r[0], "job_id": r[1], "kind": r[2], "acked_at": r[3],
-                 "receipt": _loads(r[4]), "duplicate": bool(r[5])} for r in rows]
+        return [_acked_row(r) for r in rows]
 
     # ------------------------------------------------------------ identity
     def save_identity(self, key: str, data: dict[str, Any]) -> None:

@@ -10,12 +10,16 @@ Semantics of the output: ``token_ids`` are the generated ids, including the
 EOS id when the model ended with one and the token that completed a stop
 string; ``text`` is their decoding without special tokens, cut before the
 first stop string.
+
+A chat job (``messages`` or ``system``) is rendered to text first
+(:func:`render_chat`): through the tokenizer's chat template when it has one,
+else in the plain layout of :func:`plain_chat_text`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,8 +90,57 @@ def where(loaded: LoadedModel) -> str:
     return f"{loaded.dtype_name} on {'+'.join(d.id for d in loaded.devices)}"
 
 
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_chat_text(conversation: Sequence[Mapping[str, str]]) -> str:
+    """A chat in the plain layout, for models without a chat template (the gpt2 family).
+
+    Each turn is ``"<Role>: <content>"`` (``System``, ``User``, ``Assistant``),
+    turns are joined by a blank line (``"\n\n"``), and unless the last turn is
+    the assistant's (which the model then continues) ``"\n\nAssistant:"`` is
+    appended. So ``system="Be brief."``, ``prompt="Hi"`` gives
+    ``"System: Be brief.\n\nUser: Hi\n\nAssistant:"``.
+    """
+    text = "\n\n".join(f"{PLAIN_ROLES[t['role']]}: {t['content']}" for t in conversation)
+    if conversation[-1]["role"] != "assistant":
+        text += "\n\nAssistant:"
+    return text
+
+
+def render_chat(tokenizer: Any, job: Job) -> tuple[str, bool]:
+    """A chat job's text, and whether the tokenizer should add its special tokens to it.
+
+    With a chat template (``tokenizer.chat_template``, from the model's tokenizer
+    files or its GGUF metadata), the template renders
+    :meth:`~engine.jobs.Job.conversation` with the assistant's turn opened
+    (``add_generation_prompt``), or, when the last turn is the assistant's, left
+    open for the model to continue (``continue_final_message``); the template
+    writes its own special tokens. Without one, :func:`plain_chat_text`, encoded
+    like a plain prompt.
+    """
+    conversation = job.conversation()
+    field = "messages" if job.messages is not None else "system"
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_chat_text(conversation), True
+    ends_open = conversation[-1]["role"] == "assistant"
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=not ends_open,
+                                             continue_final_message=ends_open)
+    except Exception as exc:  # the template's own checks (role order, ...) raise anything
+        raise InvalidJobError(f"the model's chat template refused the chat: {exc}",
+                              field=field) from exc
+    if not isinstance(text, str):
+        raise InvalidJobError("the model's chat template did not render text", field=field)
+    return text, False
+
+
 def encode_prompt(loaded: LoadedModel, job: Job) -> list[int]:
-    """The prompt's token ids, checked against the vocabulary and the context length."""
+    """The prompt's token ids, checked against the vocabulary and the context length.
+
+    A chat job's text is :func:`render_chat`'s; a plain ``prompt`` is encoded as given.
+    """
     if job.prompt_token_ids is not None:
         ids = list(job.prompt_token_ids)
         vocab = int(loaded.model.config.vocab_size)
@@ -95,6 +148,16 @@ def encode_prompt(loaded: LoadedModel, job: Job) -> list[int]:
         if bad:
             raise InvalidJobError(f"prompt_token_ids holds id {bad[0]}, outside the model's "
                                   f"vocabulary of {vocab}", field="prompt_token_ids")
+    elif job.chat:
+        text, special = render_chat(loaded.tokenizer, job)
+        field = "messages" if job.messages is not None else "prompt"
+        try:
+            ids = list(loaded.tokenizer(text, add_special_tokens=special)["input_ids"])
+        except Exception as exc:
+            raise InvalidJobError(f"the tokenizer could not encode the chat: {exc}",
+                                  field=field) from exc
+        if not ids:
+            raise InvalidJobError("the chat encodes to no tokens", field=field)
     else:
         try:
             ids = list(loaded.tokenizer(job.prompt, add_special_tokens=True)["input_ids"])
@@ -112,7 +175,8 @@ def encode_prompt(loaded: LoadedModel, job: Job) -> list[int]:
         raise ContextLengthError(
             f"prompt ({len(ids)} tokens) plus max_tokens ({job.params.max_tokens}) exceeds "
             f"{loaded.spec.name}'s context length of {limit} tokens; shorten the prompt or "
-            f"lower max_tokens to at most {max(0, limit - len(ids))}", field="prompt")
+            f"lower max_tokens to at most {max(0, limit - len(ids))}",
+            field="messages" if job.messages is not None else "prompt")
     return ids
 
 

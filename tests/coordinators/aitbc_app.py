@@ -1,11 +1,17 @@
 """The ``aitbc`` coordinator as a real FastAPI app (PROTOCOLS.md, "Dialect aitbc").
 
-SQLite-backed. Poll assigns a job (QUEUED -> RUNNING) or answers 204; 500 for
-an unregistered miner; results are stored verbatim, one per job (a second one
-is a 409, and every arrival is recorded in ``attempts``); rate limits per
-client address and endpoint over a sliding window (429, ``Retry-After: 60``);
-errors in both shapes. Jobs assigned longer than ``assignment_timeout`` ago
-go back to the queue (as a coordinator expires a silent miner's job).
+SQLite-backed, and like the deployed coordinator where it matters (PROTOCOLS.md,
+"Observed on the deployed coordinator"): poll assigns a job (QUEUED -> RUNNING)
+or answers 204 at once (``max_wait_seconds`` is ignored), and may answer 204
+while a job is queued (``prefer_other``: another miner preferred); a 500 in the
+third error shape for an unregistered miner; the result route checks neither
+the job's state nor its owner, so every copy of a result is stored, receipted
+and priced again (``paid(job_id)`` counts them; every arrival is recorded in
+``attempts``); the miner's job list by state (``POST
+/v1/miners/{miner_id}/jobs?job_status=``, newest first, paged); rate limits
+per client address and endpoint over a sliding window (429, ``Retry-After:
+60``); errors in all three shapes. Jobs assigned longer than
+``assignment_timeout`` ago go back to the queue.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def classify(method: str, path: str) -> str:
         return parts[2]
     if len(parts) == 4:
         return {"result": "result", "fail": "fail", "earnings": "earnings",
-                "capabilities": "capabilities"}.get(parts[3], "other")
+                "capabilities": "capabilities", "jobs": "jobs"}.get(parts[3], "other")
     if len(parts) == 3 and method == "DELETE":
         return "deregister"
     return "other"
@@ -63,6 +69,12 @@ def validation_error(message: str, field: str, code: str = "invalid") -> JSONRes
 def detail(status: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The first error shape."""
     return JSONResponse(status_code=status, content={"detail": text}, headers=headers)
+
+
+def internal_error(kind: str, message: str, path: str) -> JSONResponse:
+    """The third error shape, the deployed coordinator's answer to an unhandled exception."""
+    return JSONResponse(status_code=500, content={"error": {
+        "type": kind, "message": message, "status_code": 500, "path": path}})
 
 
 class AitbcCoordinatorState:
@@ -83,6 +95,13 @@ class AitbcCoordinatorState:
         self.rate = SlidingWindow()
         self.result_arrivals = 0
         self.requeued = 0
+        self.prefer_other = 0  # the next N polls that could assign a job answer 204
+        self.list_fails = False  # the job list answers 200 with an "error" key, as deployed
+        self.polls = 0
+        self.requests: list[str] = []  # "METHOD path" of every authenticated-route request
+        # Called at protocol points ("assigned", "result_arrived", "result_stored") with the
+        # job id: a kill test stops the miner there.
+        self.on_event: Any = None
 
     # -------------------------------------------------------------- helpers for tests
     def add_job(self, payload: Any, *, job_id: str | None = None,
@@ -111,6 +130,11 @@ class AitbcCoordinatorState:
         if job_id is None:
             return self.store.all("SELECT * FROM attempts ORDER BY id")
         return self.store.all("SELECT * FROM attempts WHERE job_id = ? ORDER BY id", (job_id,))
+
+    def paid(self, job_id: str) -> int:
+        """How many times the job's result was stored, receipted and priced."""
+        return sum(1 for a in self.attempts(job_id) if a["kind"] == "result"
+                   and a["status"] == 200)
 
     def miner(self, miner_id: str) -> dict[str, Any] | None:
         """A miner row."""
@@ -144,8 +168,13 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
                limits: dict[str, int] | None = None, window: float = 60.0,
                retry_after: str = "60", faults: FaultInjector | None = None,
                assignment_timeout: float = 300.0, result_delay: float = 0.0,
-               delay_results: int = 0, store_after_disconnect: bool = True) -> FastAPI:
-    """The app; its state is ``app.state.coord`` (an :class:`AitbcCoordinatorState`)."""
+               delay_results: int = 0, store_after_disconnect: bool = True,
+               signing_key: bytes | str | None = None) -> FastAPI:
+    """The app; its state is ``app.state.coord`` (an :class:`AitbcCoordinatorState`).
+
+    ``signing_key``: a 32-byte Ed25519 seed (raw, or hex as the deployed coordinator's
+    ``receipt_signing_key_hex``); with it, receipts are signed as deployed.
+    """
     app = FastAPI()
     st = AitbcCoordinatorState(db_path, api_keys=api_keys or {"test-operator-key"},
                                limits=limits or LIMITS, window=window, retry_after=retry_after,
@@ -156,6 +185,7 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
 
     def gate(request: Request) -> JSONResponse | None:
         """Auth, then the rate limit of the route (a plain call: keeps disconnects visible)."""
+        st.requests.append(f"{request.method} {request.url.path}")
         if request.headers.get("x-api-key") not in st.api_keys \
                 or not request.headers.get("x-miner-id"):
             return detail(401, "invalid api key or missing miner id")
@@ -243,22 +273,21 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
         body = await body_of(request)
         if not isinstance(body, dict):
             return validation_error("a JSON body is required", "body", "missing")
+        st.polls += 1
         if st.miner(miner_id) is None:
-            return JSONResponse(status_code=500, content={"detail": "Internal Server Error"})
+            return internal_error("KeyError", "'miner not registered'", "/v1/miners/poll")
         wait = body.get("max_wait_seconds", 0)
         if not isinstance(wait, int) or wait < 0:
             return validation_error("max_wait_seconds: a non-negative integer",
                                     "max_wait_seconds")
-        deadline = time.monotonic() + min(wait, 10)
-        while True:
-            if await request.is_disconnected():
-                return Response(status_code=204)
-            job = _try_assign(miner_id)
-            if job is not None:
-                return job
-            if time.monotonic() >= deadline:
-                return Response(status_code=204)
-            await asyncio.sleep(0.05)
+        # As deployed: max_wait_seconds is accepted and ignored; the answer comes at once.
+        if st.prefer_other > 0 and st.store.one("SELECT 1 FROM jobs WHERE state = 'QUEUED'"):
+            st.prefer_other -= 1
+            return Response(status_code=204)
+        job = _try_assign(miner_id)
+        if job is not None and st.on_event is not None:
+            st.on_event("assigned", job["job_id"])
+        return job if job is not None else Response(status_code=204)
 
     def _record(job_id: str, miner_id: str, kind: str, status: int, body: Any) -> None:
         st.store.run("INSERT INTO attempts (job_id, miner_id, kind, status, body, at) VALUES "
@@ -267,13 +296,11 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
                                             time.time()))
 
     def _check_running(job_id: str, miner_id: str) -> JSONResponse | dict[str, Any]:
+        # As deployed: only an unknown job is refused; neither the job's state nor its
+        # owner is checked, so a result sent twice is stored and priced twice.
         row = st.store.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         if row is None:
             return detail(404, "job not found")
-        if row["state"] in ("COMPLETED", "FAILED") and row["miner_id"] == miner_id:
-            return detail(409, f"job already {row['state'].lower()}")
-        if row["state"] != "RUNNING" or row["miner_id"] != miner_id:
-            return detail(409, "job is not running for this miner")
         return row
 
     @app.post("/v1/miners/{job_id}/result")
@@ -283,6 +310,8 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
         miner_id = request.headers["x-miner-id"]
         body = await body_of(request)
         st.result_arrivals += 1
+        if st.on_event is not None:
+            st.on_event("result_arrived", job_id)
         if st.delay_results > 0:
             st.delay_results -= 1
             await asyncio.sleep(st.result_delay)
@@ -306,12 +335,68 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
                        "unit_type": metrics.get("unit_type", "gpu_seconds"),
                        "price": units * UNIT_PRICE, "duration_ms": metrics.get("duration_ms"),
                        "signature": None}
+            if signing_key is not None:
+                # As deployed: the deployed receipt's fields, then Ed25519 over canonical
+                # JSON (None dropped at every depth, keys sorted, separators "," and ":",
+                # ASCII), the signature as {"alg", "key_id", "sig"} in unpadded URL-safe
+                # base64; zk_status and tee_status are added after signing.
+                import base64
+                from datetime import datetime, timezone
+
+                from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+                    Ed25519PrivateKey,
+                )
+                from cryptography.hazmat.primitives.serialization import (
+                    Encoding,
+                    PublicFormat,
+                )
+
+                def _drop_none(v: Any) -> Any:
+                    if isinstance(v, dict):
+                        return {k: _drop_none(x) for k, x in v.items() if x is not None}
+                    if isinstance(v, list):
+                        return [_drop_none(x) for x in v if x is not None]
+                    return v
+
+                def _b64(raw: bytes) -> str:
+                    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+                seed = bytes.fromhex(signing_key) if isinstance(signing_key, str) \
+                    else signing_key
+                signer = Ed25519PrivateKey.from_private_bytes(seed)
+                unit_price = float(metrics.get("unit_price") or UNIT_PRICE)
+                now = int(datetime.now(timezone.utc).timestamp())
+                receipt = {
+                    "version": "1.0", "receipt_id": uuid.uuid4().hex, "job_id": job_id,
+                    "provider": miner_id, "miner_id": miner_id, "client": None,
+                    "status": "COMPLETED", "units": units, "unit_type": receipt["unit_type"],
+                    "unit_price": unit_price,
+                    "price": float(metrics["price"]) if metrics.get("price") is not None
+                    else round(units * unit_price, 6),
+                    "duration_ms": metrics.get("duration_ms"), "completed_at": now,
+                    "started_at": now - int(units),
+                    "metadata": {"job_payload": json.loads(row["payload"]),
+                                 "job_constraints": json.loads(row["constraints"]),
+                                 "result": body["result"],
+                                 "metrics": {**metrics, "duration_ms": int(units * 1000)}},
+                }
+                message = json.dumps(_drop_none(receipt), sort_keys=True,
+                                     separators=(",", ":")).encode("utf-8")
+                receipt["signature"] = {
+                    "alg": "Ed25519",
+                    "key_id": _b64(signer.public_key().public_bytes(Encoding.Raw,
+                                                                    PublicFormat.Raw)),
+                    "sig": _b64(signer.sign(message))}
+                receipt["zk_status"] = "not_required"
+                receipt["tee_status"] = "not_required"
             st.store.run("UPDATE jobs SET state = 'COMPLETED', result = ?, metrics = ?, "
                          "receipt = ? WHERE job_id = ?",
                          (dumps(body["result"]), dumps(metrics), dumps(receipt), job_id))
             st.store.run("UPDATE miners SET inflight = MAX(0, inflight - 1) WHERE miner_id = ?",
                          (miner_id,))
             _record(job_id, miner_id, "result", 200, body)
+        if st.on_event is not None:
+            st.on_event("result_stored", job_id)
         return {"status": "ok", "receipt": receipt}
 
     @app.post("/v1/miners/{job_id}/fail")
@@ -329,10 +414,31 @@ def create_app(db_path: Path, *, api_keys: set[str] | None = None,
                 _record(job_id, miner_id, "fail", row.status_code, body)
                 return row
             # As deployed: the miner's slot is NOT freed here.
-            st.store.run("UPDATE jobs SET state = 'FAILED', error = ? WHERE job_id = ?",
-                         (dumps(body), job_id))
+            st.store.run("UPDATE jobs SET state = 'FAILED', error = ?, miner_id = ? "
+                         "WHERE job_id = ?", (dumps(body), miner_id, job_id))
             _record(job_id, miner_id, "fail", 200, body)
         return {"status": "ok"}
+
+    @app.post("/v1/miners/{miner_id}/jobs")
+    async def miner_jobs(miner_id: str, request: Request, limit: int = 20, offset: int = 0,
+                         job_status: str | None = None) -> Any:
+        if (refused := gate(request)) is not None:
+            return refused
+        if st.list_fails:
+            return {"jobs": [], "total": 0, "limit": limit, "offset": offset,
+                    "miner_id": miner_id, "error": "Failed to list jobs"}
+        sql, args = "SELECT job_id FROM jobs WHERE miner_id = ?", [miner_id]
+        if job_status:
+            sql += " AND state = ?"
+            args.append(job_status.upper())
+        rows = st.store.all(sql + " ORDER BY seq DESC LIMIT ? OFFSET ?",
+                            (*args, limit, offset))
+        jobs = [st.job(r["job_id"]) for r in rows]
+        views = [{"job_id": j["job_id"], "state": j["state"], "assigned_miner_id": j["miner_id"],
+                  "payload": j["payload"], "result": j["result"], "error": j["error"]}
+                 for j in jobs]
+        return {"jobs": views, "total": len(views), "limit": limit, "offset": offset,
+                "miner_id": miner_id}
 
     @app.post("/v1/miners/{miner_id}/earnings")
     async def earnings(miner_id: str, request: Request) -> Any:

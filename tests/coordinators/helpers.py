@@ -34,7 +34,7 @@ def fast_config(**kw: Any) -> AgentConfig:
     base: dict[str, Any] = {"heartbeat_interval": 0.5, "poll_wait_seconds": 0,
                             "idle_seconds": 0.05, "error_backoff_seconds": 0.02,
                             "max_error_backoff_seconds": 0.2, "retry_pending_seconds": 0.2,
-                            "shutdown_timeout": 30.0}
+                            "shutdown_timeout": 30.0, "delivery_settle_seconds": 2.0}
     base.update(kw)
     return AgentConfig(**base)
 

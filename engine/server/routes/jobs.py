@@ -7,6 +7,8 @@ OpenAPI schema is the payload union's (:func:`engine.payloads.payload_json_schem
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -32,7 +34,7 @@ async def post_job(request: Request, service: Service, wait: bool = Query(
     """Run a job given as engine JSON or any coordinator payload shape."""
     record = service.queue.submit(await request.body())
     if not wait:
-        url = f"/v1/jobs/{record.job.job_id}"
+        url = f"/v1/jobs/{quote(record.job.job_id, safe='')}"  # a header is latin-1 only
         accepted = JobAccepted(job_id=record.job.job_id, state=record.state, url=url)
         return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
     return JSONResponse((await record.outcome()).to_dict())
