@@ -246,7 +246,11 @@ def test_after_a_401_nothing_more_is_sent(tmp_path: Path, engine: Engine) -> Non
 
 
 @pytest.mark.slow
-def test_idle_polls_back_off(tmp_path: Path, engine: Engine) -> None:
+def test_idle_polls_back_off(tmp_path: Path, engine: Engine,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="engine.coordinator")
     app, st = _aitbc(tmp_path)
     with ServerThread(app) as url:
         outbox = _journal(tmp_path / "state")
@@ -268,6 +272,9 @@ def test_idle_polls_back_off(tmp_path: Path, engine: Engine) -> None:
             outbox.close()
     # Without back-off: 2.5 s / 0.05 s = 50 polls; with it (0.05 → 0.4 s): about 10.
     assert idle_polls <= 16
+    settled = [r for r in caplog.records if r.levelno == logging.INFO
+               and "polls a minute" in r.getMessage()]
+    assert settled  # the settled rate is logged without -v -v
 
 
 def test_the_idle_pause_doubles_to_its_cap_with_jitter(tmp_path: Path, engine: Engine) -> None:

@@ -331,8 +331,14 @@ class Agent:
         self._idle_streak += 1
         self.report.idle_polls += 1
         pause = self.idle_pause()
-        log.debug("no job at %s: next poll in %.1fs (about %.1f polls a minute)",
-                  self.coordinator.base_url, pause, 60.0 / max(pause, 1e-3))
+        capped = self.config.idle_seconds * 2 ** (self._idle_streak - 1) \
+            >= self.config.max_idle_seconds
+        first_at_cap = capped and self.config.idle_seconds * 2 ** (self._idle_streak - 2) \
+            < self.config.max_idle_seconds
+        # The rate is logged once when it settles (and each pause with -v -v).
+        (log.info if first_at_cap else log.debug)(
+            "no job at %s: next poll in %.1fs (about %.1f polls a minute)",
+            self.coordinator.base_url, pause, 60.0 / max(pause, 1e-3))
         deadline = time.monotonic() + pause
         while time.monotonic() < deadline and not self._stop.is_set():
             if self.inflight:
