@@ -251,6 +251,11 @@ class Agent:
 
     def _save_identity(self) -> None:
         ident = self.coordinator.identity
+        if not self.coordinator.issues_keys:
+            # The operator's key comes from the environment or a flag each start: the journal
+            # keeps only the miner id (and no session token either).
+            self.outbox.save_identity(self.coordinator.scope(), {"miner_id": ident.miner_id})
+            return
         self.outbox.save_identity(self.coordinator.scope(), {
             "miner_id": ident.miner_id, "api_key": ident.api_key, "extra": ident.extra})
 

@@ -126,6 +126,9 @@ class Coordinator(ABC):
     #: it is not, a result whose first delivery is uncertain is resent only after
     #: :meth:`delivery` says ``not_delivered``
     dedupes_results: bool = False
+    #: whether registration hands out the key (``doc``), which must then be kept to resume
+    #: the identity; otherwise the key is the operator's and never written to the journal
+    issues_keys: bool = False
 
     def __init__(self, client: CoordinatorClient, identity: Identity) -> None:
         self.client = client

@@ -68,6 +68,7 @@ class DocCoordinator(Coordinator):
     dialect = "doc"
     reports_assignment = True
     dedupes_results = True
+    issues_keys = True
 
     def __init__(self, client: CoordinatorClient, identity: Identity | None = None, *,
                  name: str = "aitbc-engine", bearer: bool = False,

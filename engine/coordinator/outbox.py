@@ -18,8 +18,9 @@ longer holds for us is kept as ``dropped`` with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +34,8 @@ from engine.coordinator.receipts import priced_terms
 
 if TYPE_CHECKING:
     from engine.coordinator.receipts import ReceiptCheck
+
+log = logging.getLogger(__name__)
 
 State = Literal["accepted", "result", "failure", "rejected", "dropped"]
 
@@ -139,21 +142,56 @@ def _acked_row(r: tuple[Any, ...]) -> dict[str, Any]:
             "unit_price": r[11], "price": r[12], "day": r[13]}
 
 
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` with mode 0700; an existing one readable by others is named in a
+    warning (left as it is: it may be a folder the operator shares on purpose)."""
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)
+        return
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("the journal's folder %s is open to other users (mode %o); the journal "
+                    "itself is kept 0600, but consider chmod 700 %s", folder, mode, folder)
+
+
+def _tighten(path: Path, mode: int = 0o600) -> None:
+    """Drop group and other permissions from ``path`` when it is ours and looser."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    if info.st_uid != os.getuid() or not info.st_mode & 0o077:
+        return
+    log.warning("%s was readable by other users (mode %o); tightened to %o", path,
+                info.st_mode & 0o777, mode)
+    path.chmod(mode)
+
+
 class Outbox:
     """The journal at ``path`` (created, with its folder, when missing). Thread-safe."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        _private_folder(self.path.parent)
+        # Private from the first byte: the file is made 0600 before SQLite opens it, and
+        # SQLite gives its -wal and -shm files the database file's mode; the umask covers
+        # anything else made meanwhile. Files an older engine left looser are tightened.
+        old_umask = os.umask(0o077)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            for extra in ("", "-wal", "-shm"):
+                _tighten(Path(f"{self.path}{extra}"))
+            self._lock = threading.Lock()
+            self._db = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        finally:
+            os.umask(old_umask)
         self._migrate()
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)  # it holds the doc dialect's api key
 
     def _migrate(self) -> None:
         """Add the ``acked`` columns a journal written by an older engine lacks, and fill them.
