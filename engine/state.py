@@ -45,6 +45,21 @@ def valid_token(token: str) -> bool:
     return bool(token) and not any(c.isspace() for c in token)
 
 
+def tighten_private(path: Path, mode: int = 0o600) -> None:
+    """Drop group and other permissions from ``path`` if it has any, with a warning.
+
+    A missing path is left alone; one this user cannot change raises ``OSError``.
+    """
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if current & 0o077:
+        log.warning("%s was readable by other users (mode %o); tightened to %o", path,
+                    current, mode)
+        path.chmod(mode)
+
+
 def load_or_create_token(state_dir: Path) -> tuple[str, Path, bool]:
     """The API token in ``state_dir/token``, made (mode 0600) on first use.
 
@@ -64,10 +79,7 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path, bool]:
             handle.write(token + "\n")
         return token, path, True
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("token file %s had mode %o; tightening it to 600", path, mode)
-            path.chmod(0o600)
+        tighten_private(path)
         existing = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenFileError(f"cannot read the API token file {path}: {exc}; fix its "
@@ -85,5 +97,6 @@ __all__ = [
     "default_state_dir",
     "load_or_create_token",
     "mask_secret",
+    "tighten_private",
     "valid_token",
 ]

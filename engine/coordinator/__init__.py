@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from engine.coordinator.agent import Agent, AgentConfig, AgentReport
 from engine.coordinator.aitbc import AITBC_LIMITS, AitbcCoordinator
-from engine.coordinator.base import Ack, AssignedJob, Coordinator, Identity, MinerUnknownError
+from engine.coordinator.base import (
+    Ack,
+    AssignedJob,
+    Coordinator,
+    Identity,
+    MinerUnknownError,
+    miner_update_status,
+)
 from engine.coordinator.capabilities import Capabilities, GpuCapability, detect_capabilities
 from engine.coordinator.client import (
     CoordinatorClient,
@@ -62,12 +69,7 @@ def detect_dialect(base_url: str, *, connect_timeout: float = 5.0,
     client = CoordinatorClient(base_url.rstrip("/"), connect_timeout=connect_timeout,
                                read_timeout=read_timeout, headers={"User-Agent": "aitbc-engine"})
     try:
-        client.request("PUT", "/v1/miners/dialect-probe", json_body={})
-        status: int | None = 200
-    except (ServerError, CoordinatorUnavailableError):
-        raise
-    except CoordinatorError as exc:
-        status = exc.status
+        status = miner_update_status(client)
     finally:
         client.close()
     evidence = f"PUT /v1/miners/{{id}} → {status}"

@@ -40,9 +40,6 @@ from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient, RateLimit
 from engine.coordinator.errors import (
     ConflictError,
-    CoordinatorError,
-    CoordinatorUnavailableError,
-    DialectMismatchError,
     NotFoundError,
     ProtocolError,
     ServerError,
@@ -240,23 +237,6 @@ class AitbcCoordinator(Coordinator):
         """Which of ``job_ids`` are RUNNING for this miner."""
         running = {j["job_id"] for j in self._jobs("RUNNING")}
         return {job_id: job_id in running for job_id in job_ids}
-
-    def probe(self) -> str:
-        """``PUT /v1/miners/{id}`` answers 405 here (the path exists for DELETE only); a
-        ``doc`` coordinator serves that route, so any other answer is not this dialect."""
-        route = f"PUT /v1/miners/{self.identity.miner_id}"
-        try:
-            self.client.request("PUT", f"/v1/miners/{self.identity.miner_id}", json_body={})
-            status: int | None = 200
-        except (ServerError, CoordinatorUnavailableError):
-            raise
-        except CoordinatorError as exc:
-            if exc.status == 405:
-                return "aitbc (PUT /v1/miners/{id} → 405)"
-            status = exc.status
-        raise DialectMismatchError(
-            f"{self.base_url} does not serve the aitbc protocol ({route} → {status}, as a doc "
-            "coordinator answers); try --dialect doc", route=route, coordinator=self.base_url)
 
     def stats(self) -> dict[str, Any]:
         """``POST /v1/miners/{miner_id}/earnings``."""

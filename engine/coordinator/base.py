@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 from engine.coordinator.capabilities import Capabilities
 from engine.coordinator.client import CoordinatorClient
-from engine.coordinator.errors import NotFoundError, redact
+from engine.coordinator.errors import (
+    CoordinatorError,
+    CoordinatorUnavailableError,
+    NotFoundError,
+    ServerError,
+    redact,
+)
 from engine.errors import EngineError, InvalidJobError
 from engine.jobs import Job, JobResult
 from engine.payloads import parse_payload
@@ -101,6 +107,20 @@ def public_message(message: str) -> str:
     for name in sorted((n for n in names if len(n) >= 3), key=len, reverse=True):
         text = re.sub(rf"\b{re.escape(name)}\b", "<user>", text)
     return text
+
+
+def miner_update_status(client: CoordinatorClient) -> int:
+    """The status ``PUT /v1/miners/{id}`` answers without a key: the doc protocol's update
+    route (401/403/404/422 there), which the deployed aitbc coordinator answers with 405
+    (the path exists for DELETE only). A 5xx or an unreachable coordinator raises its
+    :class:`CoordinatorError`: it says nothing about the dialect."""
+    try:
+        client.request("PUT", "/v1/miners/dialect-probe", json_body={})
+    except (ServerError, CoordinatorUnavailableError):
+        raise
+    except CoordinatorError as exc:
+        return exc.status if exc.status is not None else 0
+    return 200
 
 
 def num(value: Any) -> float:
@@ -203,12 +223,6 @@ class Coordinator(ABC):
         """The jobs the coordinator shows assigned to us and still running, with their
         payloads; None where the dialect cannot list them."""
         return None
-
-    def probe(self) -> str:
-        """A short description of what serves the dialect's routes at :attr:`base_url`;
-        raises :class:`~engine.coordinator.errors.DialectMismatchError` when they are not
-        there."""
-        return self.dialect
 
     def close(self) -> None:
         """Close the HTTP connections."""

@@ -33,6 +33,7 @@ from engine.coordinator.base import (
     Identity,
     MinerUnknownError,
     build_job,
+    miner_update_status,
     num,
     public_message,
 )
@@ -151,31 +152,14 @@ class DocCoordinator(Coordinator):
         if exc.status not in (401, 404, 405):
             return
         try:
-            self.client.request("PUT", "/v1/miners/dialect-probe", json_body={})
-            return
-        except CoordinatorError as probe:
-            if probe.status not in (404, 405):
-                return
+            update = miner_update_status(self.client)
+        except CoordinatorError:
+            return  # the probe says nothing: the registration's own error stands
+        if update in (404, 405):
             raise DialectMismatchError(
                 f"this coordinator ({self.base_url}) does not serve the doc protocol ({what} → "
-                f"{exc.status}, PUT /v1/miners/{{id}} → {probe.status}); try --dialect aitbc",
+                f"{exc.status}, PUT /v1/miners/{{id}} → {update}); try --dialect aitbc",
                 status=exc.status, route=what, coordinator=self.base_url) from exc
-
-    def probe(self) -> str:
-        """``PUT /v1/miners/{id}`` exists on a doc coordinator (it answers 401/404/422
-        without our key); 405 or a missing route means another protocol."""
-        try:
-            self.client.request("PUT", "/v1/miners/dialect-probe", json_body={})
-        except CoordinatorError as exc:
-            if exc.status in (404, 405) and "miner" not in exc.message.lower():
-                raise DialectMismatchError(
-                    f"this coordinator ({self.base_url}) does not serve the doc protocol "
-                    f"(PUT /v1/miners/{{id}} → {exc.status}); try --dialect aitbc",
-                    status=exc.status, route="PUT /v1/miners/{id}",
-                    coordinator=self.base_url) from exc
-            if exc.status is None or exc.status >= 500:
-                raise
-        return "doc (PUT /v1/miners/{id} is served)"
 
     def heartbeat(self, inflight: int) -> dict[str, Any]:
         """``POST /v1/miners/{id}/heartbeat`` with ``jobs_running``."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from engine.coordinator.receipts import priced_terms
+from engine.state import tighten_private
 
 if TYPE_CHECKING:
     from engine.coordinator.receipts import ReceiptCheck
@@ -155,19 +156,6 @@ def _private_folder(folder: Path) -> None:
                     "itself is kept 0600, but consider chmod 700 %s", folder, mode, folder)
 
 
-def _tighten(path: Path, mode: int = 0o600) -> None:
-    """Drop group and other permissions from ``path`` when it is ours and looser."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return
-    if info.st_uid != os.getuid() or not info.st_mode & 0o077:
-        return
-    log.warning("%s was readable by other users (mode %o); tightened to %o", path,
-                info.st_mode & 0o777, mode)
-    path.chmod(mode)
-
-
 class Outbox:
     """The journal at ``path`` (created, with its folder, when missing). Thread-safe."""
 
@@ -182,7 +170,7 @@ class Outbox:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             for extra in ("", "-wal", "-shm"):
-                _tighten(Path(f"{self.path}{extra}"))
+                tighten_private(Path(f"{self.path}{extra}"))
             self._lock = threading.Lock()
             self._db = sqlite3.connect(self.path, isolation_level=None,
                                        check_same_thread=False, timeout=30.0)
