@@ -124,7 +124,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     console.print("CPU linear layers: " + (
         f"the row-invariant kernel ({kernel['reason']})" if kernel["in_use"] else
         "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel["available"] else
-        f"torch's BLAS ({kernel['reason']})"))
+        f"torch's BLAS ({kernel['reason']})"), markup=False)
+    if kernel["build"] is not None:
+        build = kernel["build"]
+        console.print(f"  kernel build: {build['compiler_version'] or build['compiler']} "
+                      f"({build['compiler']}), flags {' '.join(build['flags'])}; instruction "
+                      f"set: {' '.join(build['isa']) or '-'}; sha256 {build['sha256']}",
+                      markup=False, highlight=False)
     table = Table(title="devices")
     for col in ("id", "name", "type", "memory", "free", "compute", "energy counter", "usable"):
         table.add_column(col)
@@ -258,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbosity: int) -> None:
+    """Log to stderr at the ``-v`` level, through :class:`~engine.logsafe.SafeFormatter`
+    (one line per record, control characters escaped, credentials redacted)."""
+    from engine.logsafe import safe_handler
+
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, handlers=[safe_handler(sys.stderr)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.credentials import Secret, SecretSources, choose_secret
 from engine.errors import EngineError
 from engine.options import FLAGS
 from engine.settings import settings
@@ -39,8 +40,12 @@ def register(subparsers: Any) -> None:
                    help="the coordinator's Ed25519 public key (hex, base64 or a PEM file) to "
                         "verify receipts with (default: $AITBC_COORDINATOR_KEY); without one, "
                         "receipts are kept unverified")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the API key, mode 600 (default: $AITBC_API_KEY, then "
+                        "$AITBC_API_KEY_FILE; for doc, the one registration gave)")
     p.add_argument("--api-key", default=None,
-                   help="API key (default: $AITBC_API_KEY; for doc, the one registration gave)")
+                   help="the API key itself (warned: other local users see it in ps; use "
+                        "--api-key-file)")
     p.add_argument("--miner-id", default=None,
                    help="miner id (aitbc: chosen by you, default miner-<hostname>; doc: issued "
                         "at registration)")
@@ -99,17 +104,19 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     logging.getLogger("engine.coordinator").setLevel(
         logging.DEBUG if args.verbose > 1 else logging.INFO)
     if not logging.getLogger().handlers:
-        logging.basicConfig(stream=sys.stderr)
-    secret = settings().api_key
-    api_key = args.api_key or (secret.get_secret_value() if secret else None)
+        from engine.logsafe import safe_handler
+
+        logging.basicConfig(handlers=[safe_handler(sys.stderr)])
+    key = _api_key(args)
+    api_key = key.value if key is not None else None
     receipts = ReceiptVerifier(args.coordinator_key or settings().coordinator_key)
     if args.dialect == "auto":
         args.dialect, evidence = detect_dialect(args.coordinator, read_timeout=args.read_timeout)
         logging.getLogger("engine.coordinator").info(
             "dialect auto: %s serves %s (%s)", args.coordinator, args.dialect, evidence)
     if args.dialect == "aitbc" and not api_key:
-        raise EngineError("the aitbc dialect needs an API key: pass --api-key or set "
-                          "AITBC_API_KEY", code="usage")
+        raise EngineError("the aitbc dialect needs an API key: pass --api-key-file FILE or "
+                          "set AITBC_API_KEY or AITBC_API_KEY_FILE", code="usage")
     miner_id = args.miner_id or (f"miner-{socket.gethostname()}" if args.dialect == "aitbc"
                                  else None)
     state_dir = args.state_dir or _default_state_dir()
@@ -141,7 +148,7 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     except UnauthorizedError as exc:
         print(f"aitbc-engine: error: the coordinator at {coordinator.base_url} refused this "
               f"miner's credentials ({exc.status} unauthorized: {exc.message}). Check the API "
-              f"key (--api-key or AITBC_API_KEY; given: {redact(api_key)}) and the miner id "
+              f"key (from {key.source if key else 'nowhere'}: {redact(api_key)}) and the miner id "
               f"({coordinator.miner_id or 'none yet'}), and ask the coordinator's operator "
               "whether the key was revoked.", file=sys.stderr)
         return 3
@@ -156,3 +163,11 @@ def _cmd_mine(args: argparse.Namespace) -> int:
               f"{report.failed}, results submitted {report.results_submitted}, journal "
               f"pending {report.pending_left}")
     return 0 if report.pending_left == 0 else 4
+
+
+def _api_key(args: argparse.Namespace) -> Secret | None:
+    env = settings()
+    return choose_secret(SecretSources(
+        what="API key", argument=args.api_key, argument_flag="--api-key", file=args.api_key_file,
+        file_flag="--api-key-file", env_value=env.api_key, env_name="AITBC_API_KEY",
+        env_file=env.api_key_file, env_file_name="AITBC_API_KEY_FILE"))

@@ -25,8 +25,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the engine over a local HTTP API (token-protected)",
         description="Serve the engine over HTTP. Every route but /health needs "
-                    "'Authorization: Bearer <token>'; the token is made on first start in "
-                    "STATE_DIR/token (mode 0600) unless --token is given. STATE_DIR defaults to "
+                    "'Authorization: Bearer <token>'; the token is read from --token-file, "
+                    "AITBC_ENGINE_TOKEN or AITBC_ENGINE_TOKEN_FILE, else made on first start in "
+                    "STATE_DIR/token (mode 0600). STATE_DIR defaults to "
                     "$AITBC_ENGINE_STATE or the user state directory "
                     "(~/.local/state/aitbc-engine on Linux).")
     p.add_argument("--registry", type=Path, default=None,
@@ -36,8 +37,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the bearer token to require, mode 600 (default: "
+                        "$AITBC_ENGINE_TOKEN, $AITBC_ENGINE_TOKEN_FILE, else STATE_DIR/token)")
     p.add_argument("--token", default=None,
-                   help="bearer token to require (default: read or make STATE_DIR/token)")
+                   help="the token itself (warned: other local users see it in ps; use "
+                        "--token-file)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the token file lives (default: $AITBC_ENGINE_STATE or the user "
                         "state directory)")
@@ -72,7 +77,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ServeOptions,
         default_state_dir,
         is_loopback,
-        mask_secret,
         serve,
     )
 
@@ -82,7 +86,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     run = run_options(args, max_concurrent=args.max_concurrent, batch_size=args.batch_size,
                       batch_window_seconds=args.batch_window, job_timeout=args.job_timeout)
     state_dir = args.state_dir or default_state_dir()
-    options = ServeOptions(host=args.host, port=limits.port, token=args.token,
+    token, where = _token(args, state_dir)  # before the engine: a bad state dir fails fast
+    options = ServeOptions(host=args.host, port=limits.port, token=token,
                            state_dir=state_dir, max_body_bytes=limits.max_body_bytes,
                            max_queue=limits.max_queue, history=limits.history,
                            preload=list(args.preload), profile=args.profile,
@@ -90,12 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            log_level="info" if args.verbose == 0 else "debug")
     with build_engine(args, run) as engine:
         def started(server: Any) -> None:
-            token = server.config.app.state.token
             port = args.port
             with contextlib.suppress(AttributeError, IndexError, OSError):
                 port = server.servers[0].sockets[0].getsockname()[1]
-            where = (f"given on the command line ({mask_secret(token)})" if args.token
-                     else f"in {state_dir / 'token'}")
             scope = "" if is_loopback(args.host) else " (reachable from other machines)"
             print(f"aitbc-engine serving on http://{args.host}:{port}{scope} with "
                   f"{', '.join(d.id for d in engine.devices)}; token {where}", file=sys.stderr,
@@ -103,3 +105,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         serve(engine, options, on_started=started)
     return 0
+
+
+def _token(args: argparse.Namespace, state_dir: Path) -> tuple[str, str]:
+    """The token to require and where it came from (said at start, never the token itself)."""
+    from engine.credentials import SecretSources, choose_secret
+    from engine.settings import settings
+    from engine.state import load_or_create_token
+
+    env = settings()
+    chosen = choose_secret(SecretSources(
+        what="API token", argument=args.token, argument_flag="--token", file=args.token_file,
+        file_flag="--token-file", env_value=env.token, env_name="AITBC_ENGINE_TOKEN",
+        env_file=env.token_file, env_file_name="AITBC_ENGINE_TOKEN_FILE"))
+    if chosen is not None:
+        return chosen.value, f"from {chosen.source}"
+    token, path, created = load_or_create_token(state_dir)
+    return token, f"{'written to' if created else 'in'} {path}"

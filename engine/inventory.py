@@ -67,12 +67,15 @@ def model_views(registry: Registry, pool: ModelPool, *,
 
 
 def cpu_linear_kernel() -> dict[str, Any]:
-    """The CPU linear-layer kernel: ``available``, ``in_use`` (not turned off) and ``reason``."""
+    """The CPU linear-layer kernel: ``available``, ``in_use`` (not turned off), ``reason``,
+    and ``build``: the checked library's compiler, compiler version, flags, instruction-set
+    features (``isa``), sha256 and size, or None when no library passed the checks."""
     from engine.kernels.rowgemm import blas_requested, kernel_status  # imports torch
 
     kernel = kernel_status()
     return {"available": kernel.available, "in_use": kernel.available and not blas_requested(),
-            "reason": kernel.reason}
+            "reason": kernel.reason,
+            "build": kernel.build.to_dict() if kernel.build is not None else None}
 
 
 def hardware_document(engine: Engine | None = None) -> dict[str, Any]:

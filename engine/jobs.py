@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from engine.base import StrictModel
 
@@ -26,7 +26,25 @@ MAX_NOTES = 64
 
 # Field types shared by the job and every wire shape (engine.payloads), so each range is
 # written once.
-JobId = Annotated[str, Field(min_length=1, max_length=256)]
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+"""A job id: 1 to 128 characters of ``A-Z a-z 0-9 . _ : -``, starting with a letter or
+digit (safe in a URL path segment, a file name and a log line)."""
+MIN_TEMPERATURE = 1e-3
+"""The smallest sampling temperature other than 0 (greedy): smaller ones overflow the logits."""
+MIN_REPETITION_PENALTY = 1e-2
+"""The smallest repetition penalty: smaller ones overflow the penalised logits."""
+
+
+def _temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value!r}")
+    return value
+
+
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0), AfterValidator(_temperature)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=100.0)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 ModelName = Annotated[str, Field(min_length=1, max_length=128)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -49,10 +67,10 @@ class SamplingParams(Strict):
     """The decoding parameters every text-generation shape carries under the same names."""
 
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] = 16
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    temperature: Temperature = 0.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    repetition_penalty: RepetitionPenalty = 1.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
 
     def sampling(self) -> dict[str, Any]:
@@ -96,8 +114,7 @@ class Job(Strict):
     model: ModelName
     task: Task = "text-generation"
     prompt: Prompt | None = None
-    prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]],
-                                Field(min_length=1)] | None = None
+    prompt_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     messages: Messages | None = None
     system: SystemPrompt | None = None
     input: Texts | None = None
@@ -244,6 +261,14 @@ class ExecutionProfile(Strict):
     linear_kernel: str = "blas"
     # Why the job ran on the CPU although NVML sees GPUs (absent when it did not).
     cpu_fallback_reason: str | None = None
+    # How the CPU kernel was built, when linear_kernel is "row-invariant" (absent otherwise,
+    # and in results from before these were recorded): the compiler's path and version
+    # line, its flags, and the instruction-set features it targeted ("avx2", "fma", ...).
+    # They change the floats: a build without FMA rounds most outputs differently.
+    kernel_compiler: str | None = None
+    kernel_compiler_version: str | None = None
+    kernel_flags: tuple[str, ...] | None = None
+    kernel_isa: tuple[str, ...] | None = None
 
 
 class JobErrorInfo(Strict):

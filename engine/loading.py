@@ -1,8 +1,11 @@
 """Model loading: a registry entry plus device(s) become a :class:`LoadedModel`.
 
 Also: where weights are and whether they are here (:func:`availability`), the
-weight digest, the GGUF-to-safetensors conversion cache, the precision policy
-and the memory-fit check. Knows nothing of jobs or HTTP.
+GGUF-to-safetensors conversion, the precision policy and the memory-fit check.
+The weight digest and the checks of weight files at rest (the digest cache, the
+converted weights' manifest) live in :mod:`engine.weightfiles`; every load goes
+through them, so a result's ``weights_digest`` names the bytes actually loaded.
+Knows nothing of jobs or HTTP.
 """
 
 from __future__ import annotations
@@ -10,12 +13,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine import weightfiles
 from engine.cache import engine_cache_dir
 from engine.errors import (
     DeviceError,
@@ -34,6 +35,7 @@ from engine.hardware import Device, supports_bf16
 from engine.options import Weights
 from engine.registry import ModelSpec
 from engine.settings import settings
+from engine.weightfiles import weights_digest as weights_digest  # re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -228,44 +230,11 @@ def _fetch_from_hub(spec: ModelSpec) -> Path:
 
 # ------------------------------------------------------------------ weight digest
 
-_digest_lock = threading.Lock()
 # transformers' loading is not safe across threads (two concurrent loads can
 # leave tensors on the meta device), so loads in one process take turns.
 _load_lock = threading.Lock()
-
-
-def weights_digest(files: Sequence[Path], cache_dir: Path | None = None) -> str:
-    """``sha256:`` over the weight files (name, size and bytes of each, in name order).
-
-    Each file's own digest is cached by absolute path, size and mtime, so a
-    second call on unchanged files reads nothing but the cache.
-    """
-    cache_file = (cache_dir or engine_cache_dir()) / "weight_digests.json"
-    with _digest_lock:
-        try:
-            cache: dict[str, str] = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        outer = hashlib.sha256(b"aitbc-weights/1\n")
-        changed = False
-        for path in sorted(files, key=lambda p: p.name):
-            st = path.stat()
-            key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-            digest = cache.get(key)
-            if digest is None:
-                h = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
-                digest = cache[key] = h.hexdigest()
-                changed = True
-            outer.update(f"{path.name}\n{st.st_size}\n{digest}\n".encode())
-        if changed:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-            tmp.replace(cache_file)
-    return "sha256:" + outer.hexdigest()
+# Loads of a model whose weight files change while they are read, before the engine refuses.
+LOAD_ATTEMPTS = 2
 
 
 def tensor_digest(model: torch.nn.Module) -> str:
@@ -517,10 +486,17 @@ def converted_gguf_dir(spec: ModelSpec, gguf_digest: str, cache_dir: Path | None
         f"{spec.name}-{gguf_digest.removeprefix('sha256:')[:16]}")
 
 
-def convert_gguf(spec: ModelSpec, gguf_file: Path, target: Path) -> Path:
-    """De-quantize a GGUF file once into a safetensors directory (model, config, tokenizer)."""
+def convert_gguf(spec: ModelSpec, gguf_file: Path, target: Path, *,
+                 source_digest: str | None = None, cache_dir: Path | None = None) -> Path:
+    """De-quantize a GGUF file once into a safetensors directory (model, config, tokenizer).
+
+    The directory is written privately (0700, files 0600) with a manifest of
+    its files (:mod:`engine.weightfiles`) and renamed into place whole.
+    ``source_digest`` is the GGUF's :func:`weights_digest` (computed when not given).
+    """
     import torch
 
+    digest = source_digest or weights_digest([gguf_file], cache_dir)
     with _quiet_transformers():
         from transformers import AutoTokenizer
 
@@ -531,19 +507,10 @@ def convert_gguf(spec: ModelSpec, gguf_file: Path, target: Path) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "aitbc-source.json").write_text(json.dumps(
-                {"gguf": str(gguf_file), "converted_at": time.time()}))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with weightfiles.staged_conversion(target, source_file=gguf_file,
+                                           source_digest=digest) as staged:
+            model.save_pretrained(staged, safe_serialization=True)
+            tokenizer.save_pretrained(staged)
     return target
 
 
@@ -686,37 +653,69 @@ def _build_random(spec: ModelSpec, dtype_name: str, seed: int) -> tuple[Any, Any
     return model, byte_tokenizer(), digest, "bytes"
 
 
+def _find_weights(spec: ModelSpec) -> Availability:
+    """The entry's weights here, fetched from the hub when that is where they are."""
+    found = availability(spec)
+    if found.available:
+        return found
+    if spec.source.hub is not None:
+        directory = _fetch_from_hub(spec)
+        files = _weight_files(directory, "safetensors")
+        if not files:
+            _refuse_pickle(directory, spec.name)
+            raise WeightsUnavailableError(f"model {spec.name!r}: the hub snapshot has no "
+                                          "safetensors weights", field="model")
+        return Availability(True, "downloaded", directory, None, tuple(files))
+    if found.location is not None and found.location.is_dir():
+        _refuse_pickle(found.location, spec.name)
+    raise WeightsUnavailableError(f"model {spec.name!r}: {found.reason}", field="model")
+
+
+def _verified_weights(spec: ModelSpec, found: Availability, cache_dir: Path | None,
+                      ) -> tuple[Path, str, dict[Path, weightfiles.FileIdentity]]:
+    """The directory to load from, the weight digest, and the identities of the checked files.
+
+    A GGUF source loads from its verified conversion (rebuilt when damaged), so
+    the GGUF's digest names the converted bytes. Safetensors files get the cheap
+    size and header check; their digest comes from the digest cache.
+    """
+    assert found.location is not None
+    fmt = (spec.source.package.format if spec.source.package is not None
+           else spec.source.local.format if spec.source.local is not None else "safetensors")
+    if fmt == "gguf":
+        gguf_file = found.files[0]
+        digest = weights_digest([gguf_file], cache_dir)
+        directory = converted_gguf_dir(spec, digest, cache_dir)
+        identities = weightfiles.ensure_conversion(
+            directory, source_file=gguf_file, source_digest=digest,
+            convert=lambda target: convert_gguf(spec, gguf_file, target, source_digest=digest))
+        return directory, digest, identities
+    try:
+        weightfiles.check_weight_files(found.files)
+    except weightfiles.WeightFileProblem as damage:
+        raise WeightsUnavailableError(
+            f"model {spec.name!r}: weight file {damage.path} is damaged ({damage.problem}); "
+            "restore it (reinstall the package or download the weights again)",
+            field="model") from damage
+    digest, identities = weightfiles.weights_digest_and_identities(found.files, cache_dir)
+    return found.location, digest, identities
+
+
 def _load_pretrained(spec: ModelSpec, cache_dir: Path | None) -> tuple[Any, Any, str]:
     from transformers import AutoTokenizer
 
-    found = availability(spec)
-    if not found.available:
-        if spec.source.hub is not None:
-            directory = _fetch_from_hub(spec)
-            files = _weight_files(directory, "safetensors")
-            if not files:
-                _refuse_pickle(directory, spec.name)
-                raise WeightsUnavailableError(f"model {spec.name!r}: the hub snapshot has no "
-                                              "safetensors weights", field="model")
-            found = Availability(True, "downloaded", directory, None, tuple(files))
-        else:
-            if found.location is not None and found.location.is_dir():
-                _refuse_pickle(found.location, spec.name)
-            raise WeightsUnavailableError(f"model {spec.name!r}: {found.reason}", field="model")
-    assert found.location is not None
-    digest = weights_digest(found.files, cache_dir)
-    fmt = (spec.source.package.format if spec.source.package is not None
-           else spec.source.local.format if spec.source.local is not None else "safetensors")
-    directory = found.location
-    if fmt == "gguf":
-        gguf_file = found.files[0]
-        directory = converted_gguf_dir(spec, digest, cache_dir)
-        if not (directory / "model.safetensors").is_file() and not list(
-                directory.glob("*.safetensors")):
-            log.info("converting %s once to safetensors in %s", gguf_file.name, directory)
-            convert_gguf(spec, gguf_file, directory)
-    model = _auto_class(spec).from_pretrained(str(directory), use_safetensors=True,
-                                              local_files_only=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                              trust_remote_code=False)
-    return model, tokenizer, digest
+    found = _find_weights(spec)
+    for _attempt in range(LOAD_ATTEMPTS):
+        directory, digest, identities = _verified_weights(spec, found, cache_dir)
+        model = _auto_class(spec).from_pretrained(str(directory), use_safetensors=True,
+                                                  local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=False)
+        changed = weightfiles.changed_file(identities)
+        if changed is None:
+            return model, tokenizer, digest
+        log.warning("weight file %s changed while model %r was loading; checking and loading "
+                    "it again", changed, spec.name)
+    raise WeightsUnavailableError(f"model {spec.name!r}: weight file {changed} kept changing "
+                                  "while it was loaded; let whatever writes it finish, then try "
+                                  "again", field="model")

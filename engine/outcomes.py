@@ -112,7 +112,18 @@ def job_metrics(own: Measurement, share: JobShare, *, load_seconds: float, promp
 def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | EmbeddingOutput,
                      metrics: Metrics, *, batch_size: int, decode: str,
                      cpu_fallback_reason: str | None = None) -> JobResult:
-    """A completed result: output, hash, metrics and the execution profile."""
+    """A completed result: output, hash, metrics and the execution profile.
+
+    When the CPU kernel computed the linear layers, the profile names its build
+    (compiler, version, flags, instruction-set features) from the kernel's status.
+    """
+    from engine.kernels import KERNEL_NAME
+
+    build = None
+    if loaded.linear_kernel == KERNEL_NAME:
+        from engine.kernels.rowgemm import kernel_status  # loaded already: the model uses it
+
+        build = kernel_status().build
     profile = ExecutionProfile(
         model=loaded.spec.name, weights=loaded.weights, weights_digest=loaded.weights_digest,
         dtype=loaded.dtype_name, device_class=loaded.device_class,
@@ -120,7 +131,10 @@ def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | E
         transformers_version=_version("transformers"), engine_version=ENGINE_VERSION,
         hash_version=HASH_VERSION, decode=decode, batched=batch_size > 1,
         batch_size=batch_size, linear_kernel=loaded.linear_kernel,
-        cpu_fallback_reason=cpu_fallback_reason if loaded.devices[0].kind == "cpu" else None)
+        cpu_fallback_reason=cpu_fallback_reason if loaded.devices[0].kind == "cpu" else None,
+        kernel_compiler=build.compiler if build else None,
+        kernel_compiler_version=build.compiler_version if build else None,
+        kernel_flags=build.flags if build else None, kernel_isa=build.isa if build else None)
     return JobResult(job_id=job.job_id, model=job.model, task=job.task, status="completed",
                      output=output, result_hash=result_hash(job, output, loaded.weights_digest),
                      metrics=metrics, profile=profile, notes=job.notes)

@@ -23,11 +23,18 @@ a key the engine does not know is ignored and named in the job's ``notes``
 engine cannot honour (:data:`REFUSED_KEYS`, e.g. ``stream: true``, ``n: 2``) is
 refused with an ``invalid_job`` error naming it. Engine JSON stays strict (an
 unknown key there is refused). Knows nothing of torch or HTTP.
+
+JSON text is read by :func:`load_json` (the local API reads every body with it):
+nesting deeper than :data:`MAX_JSON_DEPTH` is refused naming the field where it
+happens, and an integer of more than :data:`MAX_JSON_INT_DIGITS` digits is read
+as a number out of every range (so the field's range check names it) rather than
+converted digit by digit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any, Literal
 
@@ -210,6 +217,106 @@ def payload_json_schema(
     return schema, schema.pop("$defs", {})
 
 
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects a JSON input may have (a job needs 4)."""
+MAX_JSON_INT_DIGITS = 64
+"""Integers with more digits than this are read as ``±10**MAX_JSON_INT_DIGITS``: out of the
+range of every integer field, so they are refused by the field's own check."""
+_HUGE_INT = 10**MAX_JSON_INT_DIGITS
+
+
+class JsonInputError(InvalidJobError):
+    """JSON text that is not UTF-8, not JSON or nested too deeply. ``field``: the top-level
+    key under which the nesting goes too deep, when there is one."""
+
+
+def _bounded_int(digits: str) -> int:
+    """``int(digits)``, or ``±10**MAX_JSON_INT_DIGITS`` for a longer run of digits."""
+    if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        return -_HUGE_INT if digits.startswith("-") else _HUGE_INT
+    return int(digits)
+
+
+def load_json(text: str | bytes | bytearray | memoryview, *, what: str = "payload",
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON text (UTF-8 bytes or str) with the limits above.
+
+    Raises :class:`JsonInputError` (never ``RecursionError`` or ``ValueError``) saying
+    what is wrong with ``what``; its ``field`` names the place nested too deeply.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonInputError(f"the {what} is not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start})") from exc
+    try:
+        value = json.loads(text, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        raise JsonInputError(f"the {what} is not JSON ({exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno})") from exc
+    except RecursionError:
+        raise _too_deep(what, _deep_path_in_text(text, max_depth), max_depth) from None
+    except ValueError as exc:  # a number json cannot represent
+        raise JsonInputError(f"the {what} is not JSON ({exc})") from exc
+    if text.count("[") + text.count("{") > max_depth:
+        check_depth(value, what=what, max_depth=max_depth)
+    return value
+
+
+def check_depth(value: Any, *, what: str = "payload", max_depth: int = MAX_JSON_DEPTH) -> None:
+    """:class:`JsonInputError` naming the place where ``value`` (parsed JSON: dicts and
+    lists) nests deeper than ``max_depth``. Iterative: any depth is safe to check."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if not isinstance(node, (Mapping, list)):
+            continue
+        if depth > max_depth:
+            raise _too_deep(what, list(path), max_depth)
+        children = node.items() if isinstance(node, Mapping) else enumerate(node)
+        stack.extend((child, depth + 1, (*path, key)) for key, child in children
+                     if isinstance(child, (Mapping, list)))
+
+
+_PATH_PARTS = 4
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:\s*:)?|[\[\]{},]')
+
+
+def _deep_path_in_text(text: str, max_depth: int) -> list[Any]:
+    """The path to the first container nested deeper than ``max_depth`` in JSON text too
+    deep to parse (scanned only up to that place)."""
+    stack: list[list[Any]] = []  # [bracket, key or index]
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        head = token[0]
+        if head == '"':
+            if token.endswith(":") and stack and stack[-1][0] == "{":
+                try:
+                    stack[-1][1] = str(json.loads(token[:-1].rstrip()))
+                except ValueError:
+                    stack[-1][1] = "?"
+        elif head in "[{":
+            if len(stack) >= max_depth:
+                break
+            stack.append([head, 0 if head == "[" else None])
+        elif head in "]}":
+            if stack:
+                stack.pop()
+        elif stack and stack[-1][0] == "[":
+            stack[-1][1] += 1
+    return [part for _, part in stack if part is not None]
+
+
+def _too_deep(what: str, path: list[Any], max_depth: int) -> JsonInputError:
+    """The error for nesting too deep at ``path``; its field is the top-level key there."""
+    shown = ".".join(str(p) for p in path[:_PATH_PARTS]) + ("..." if len(path) > _PATH_PARTS
+                                                            else "")
+    where = f"field '{path[0]}' of the {what} (at {shown})" if path else f"the {what}"
+    return JsonInputError(f"{where} is nested deeper than {max_depth} levels of arrays and "
+                          "objects", field=str(path[0]) if path else None)
+
+
 def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
     """Turn engine JSON or any coordinator payload shape (PROTOCOLS.md) into a :class:`Job`.
 
@@ -343,7 +450,10 @@ def _sift(body: Mapping[str, Any], known: Collection[str], where: str,
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a cycle
+        text = f"<a {type(value).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -385,6 +495,8 @@ def _invalid_from(err: ValidationError, *, skip: int = 0) -> InvalidJobError:
         if why and named.isidentifier():
             field = f"{field}.{named}" if field else named
             msg = why
+        else:
+            msg = str(first["ctx"]["error"])
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     where = f"field '{field}': " if field else ""
     return InvalidJobError(f"invalid job: {where}{msg}{more}", field=field)
@@ -413,28 +525,28 @@ def _build(data: dict[str, Any], rename: Mapping[str, str] | None = None) -> Job
 
 
 def _decode(payload: Any) -> Any:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        try:
-            payload = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidJobError(f"invalid job: the payload is not UTF-8 text ({exc.reason} at "
-                                  f"byte {exc.start})") from exc
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise InvalidJobError(f"invalid job: the payload is not JSON ({exc.msg} at line "
-                                  f"{exc.lineno} column {exc.colno})") from exc
+    """The payload parsed from JSON text, or as given (its nesting checked)."""
+    try:
+        if isinstance(payload, (str, bytes, bytearray, memoryview)):
+            return load_json(payload)
+        check_depth(payload)
+    except JsonInputError as exc:
+        raise JsonInputError(f"invalid job: {exc.message}", field=exc.field) from exc
     return payload
 
 
 __all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_INT_DIGITS",
     "REFUSED_KEYS",
     "EmbeddingPayload",
     "FlatInference",
     "JobPayload",
+    "JsonInputError",
     "LlmRequest",
     "ServiceRequest",
+    "check_depth",
+    "load_json",
     "parse_payload",
     "payload_json_schema",
     "payload_kind",

@@ -158,6 +158,38 @@ def _format_errors(where: str, err: ValidationError) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
+MAX_REGISTRY_BYTES = 16 * 2**20
+"""The largest registry file read (the packaged one is a few kilobytes)."""
+
+
+def _read_registry_file(file: Path) -> Any:
+    """The parsed YAML of a registry file; :class:`RegistryError` naming the file for one
+    that cannot be read, is too large, is not UTF-8 text or is not valid YAML."""
+    try:
+        with file.open("rb") as fh:
+            data = fh.read(MAX_REGISTRY_BYTES + 1)
+    except OSError as exc:
+        raise RegistryError(
+            f"cannot read model registry {file}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_REGISTRY_BYTES:
+        raise RegistryError(f"model registry {file}: larger than {MAX_REGISTRY_BYTES} bytes; "
+                            "is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"model registry {file}: not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start}); is it a YAML file?") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{file}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise RegistryError(f"{file}: not a valid registry: nested too deeply") from None
+    except Exception as exc:  # a value PyYAML cannot build (a bad date, a huge integer)
+        raise RegistryError(f"{file}: not a valid registry: {type(exc).__name__}: "
+                            f"{exc}") from exc
+
+
 class Registry:
     """An immutable, validated set of model specs, looked up by name."""
 
@@ -172,16 +204,7 @@ class Registry:
         Relative ``local`` source paths resolve against the file's directory.
         """
         file = Path(path).expanduser() if path is not None else default_registry_path()
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RegistryError(
-                f"cannot read model registry {file}: {exc.strerror or exc}") from exc
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"{file}: not valid YAML: {exc}") from exc
-        return cls.from_mapping(raw, file)
+        return cls.from_mapping(_read_registry_file(file), file)
 
     @classmethod
     def from_mapping(cls, raw: Any, file: Path | None = None) -> Registry:

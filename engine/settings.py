@@ -104,6 +104,20 @@ class EngineSettings(BaseSettings):
     """``AITBC_API_KEY``: the coordinator API key for ``mine`` when ``--api-key`` is not
     given. A ``SecretStr``: its repr and str are masked; ``.get_secret_value()`` reads it."""
 
+    api_key_file: _OptionalPath = _from_env("AITBC_API_KEY_FILE")
+    """``AITBC_API_KEY_FILE``: a file holding the coordinator API key (mode 600), read when
+    neither ``--api-key``, ``--api-key-file`` nor ``AITBC_API_KEY`` is given."""
+
+    token: Annotated[SecretStr | None, BeforeValidator(_unset_if_empty)] = _from_env(
+        "AITBC_ENGINE_TOKEN")
+    """``AITBC_ENGINE_TOKEN``: the bearer token ``serve`` requires, when neither ``--token``
+    nor ``--token-file`` is given; None: ``AITBC_ENGINE_TOKEN_FILE``, else the state
+    directory's token file."""
+
+    token_file: _OptionalPath = _from_env("AITBC_ENGINE_TOKEN_FILE")
+    """``AITBC_ENGINE_TOKEN_FILE``: a file holding the token ``serve`` requires (mode 600);
+    None: the state directory's token file (made on first start)."""
+
     coordinator_key: Annotated[str | None, BeforeValidator(_unset_if_empty)] = _from_env(
         "AITBC_COORDINATOR_KEY")
     """``AITBC_COORDINATOR_KEY``: the coordinator's Ed25519 public key that receipts are

@@ -128,4 +128,4 @@ def test_401_exits_non_zero_with_a_clear_message(tmp_path: Path, registry: Path)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3
     assert url in err and "API key" in err and "AITBC_API_KEY" in err
-    assert "wron…" in err and key not in err + out
+    assert "<secret, 20 chars>" in err and key[:4] not in err + out

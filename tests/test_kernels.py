@@ -189,7 +189,8 @@ def test_info_says_whether_the_cpu_kernel_computes_linear_layers(
     shown = json.loads(capsys.readouterr().out)["cpu_linear_kernel"]
     status = kernel_status()
     assert shown == {"available": status.available, "in_use": status.available,
-                     "reason": status.reason}
+                     "reason": status.reason,
+                     "build": status.build.to_dict() if status.build else None}
     monkeypatch.setenv("AITBC_ENGINE_LINEAR", "blas")
     assert main(["info"]) == 0
     assert "torch's BLAS" in capsys.readouterr().out

@@ -6,10 +6,12 @@ second) and kept in the engine's cache under the CPU's name and core count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from typing import Any
 
 from engine.cache import engine_cache_dir
 from engine.hardware import Device, cpu, gpu_spec_for
+from engine.state import StateDirError, private_dir
 
 __all__ = [
     "cpu_memory_bandwidth_gbps",
@@ -106,11 +109,16 @@ def cpu_memory_bandwidth_gbps(cache_dir: Path | None = None, *, refresh: bool = 
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache must not stop the engine
+        private_dir(directory, "cache")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp: mode 0600
+                handle.write(json.dumps(entries, indent=2, sort_keys=True))
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except (OSError, StateDirError) as exc:  # a read-only cache must not stop the engine
         log.warning("could not cache CPU bandwidth in %s: %s", path, exc)
     return gbps
 

@@ -258,7 +258,7 @@ def read_report(path: str | Path) -> Report:
         raise ReportError(f"cannot read the report {p}: {exc.strerror or exc}; run "
                           "`aitbc-engine bench MODEL --out DIR` to make one",
                           field="profile") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ReportError(f"the report {p} is not JSON: {exc}", field="profile") from exc
     found = raw.get("schema_version") if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or found not in (SCHEMA_VERSION, SCHEMA_V1):

@@ -62,6 +62,7 @@ from engine.coordinator.errors import (
     CoordinatorError,
     DeliveryUncertainError,
     DialectMismatchError,
+    JournalUnavailableError,
     NotFoundError,
     RateLimitedError,
     RequestAbortedError,
@@ -184,6 +185,17 @@ class Agent:
     # ------------------------------------------------------------ control
     def stop(self) -> None:
         """Stop taking jobs; running ones finish (up to ``shutdown_timeout``) and are submitted."""
+        self._begin_stop()
+
+    def _begin_stop(self, *, hard: bool = False) -> None:
+        """Stop; a journal write waiting on a full disk gets ``shutdown_timeout`` (0 if hard)."""
+        if hard:
+            self._hard_stop.set()
+            self.outbox.stop_retrying()
+        elif not self._stop.is_set():
+            timer = threading.Timer(self.config.shutdown_timeout, self.outbox.stop_retrying)
+            timer.daemon = True
+            timer.start()
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
@@ -191,11 +203,11 @@ class Agent:
         def handler(signum: int, frame: FrameType | None) -> None:
             if self._stop.is_set():
                 log.warning("second %s: cancelling running jobs", signal.Signals(signum).name)
-                self._hard_stop.set()
+                self._begin_stop(hard=True)
             else:
                 log.warning("%s: finishing running jobs, then stopping",
                             signal.Signals(signum).name)
-            self._stop.set()
+                self._begin_stop()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
@@ -225,6 +237,8 @@ class Agent:
             self._fatal = exc  # nothing more is sent with a rejected key
         except RequestAbortedError:
             pass  # a stop ended a wait inside a call
+        except JournalUnavailableError as exc:
+            log.error("%s", exc.message)  # a stop ended a wait for the disk
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -668,6 +682,7 @@ class Agent:
         deadline = time.monotonic() + self.config.shutdown_timeout
         while self.inflight and self._fatal is None:
             if self._hard_stop.is_set() or time.monotonic() > deadline:
+                self.outbox.stop_retrying()
                 with self._lock:
                     running = list(self._running.values())
                     self._running.clear()
@@ -679,7 +694,11 @@ class Agent:
                     r.handle.cancel()
                     self.report.left_for_next_start += 1
                 break
-            self._collect()
+            try:
+                self._collect()
+            except JournalUnavailableError as exc:
+                log.error("%s", exc.message)
+                break
             time.sleep(0.02)
         self._hb_stop.set()
         if self._hb_thread is not None:
@@ -689,6 +708,8 @@ class Agent:
                 self._drain_outbox(quiet=True)
             except CoordinatorError as exc:
                 self._fatal = self._fatal or exc
+            except JournalUnavailableError as exc:
+                log.error("%s", exc.message)
         self.report.pending_left = len(self.outbox.pending(self.scope))
         if self._fatal is None and self.config.deregister_on_exit \
                 and self.coordinator.miner_id is not None:

@@ -31,6 +31,7 @@ from engine.coordinator.errors import (
     ServerError,
     error_from_response,
 )
+from engine.payloads import JsonInputError, load_json
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +304,12 @@ class CoordinatorClient:
         if not body.strip():
             return None
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return load_json(body, what=f"{route} reply")  # bounded depth and integers
+        except JsonInputError as exc:
             snippet = body[:120].decode("utf-8", "replace")
             raise ProtocolError(f"{self.base_url} {route}: {resp.status_code} response is not "
-                                f"JSON: {snippet!r}", status=resp.status_code, route=route,
+                                f"JSON the engine reads ({exc.message}): {snippet!r}",
+                                status=resp.status_code, route=route,
                                 coordinator=self.base_url) from exc
 
 

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.errors import EngineError
+from engine.payloads import JsonInputError, load_json
+from engine.state import mask_secret
 
 
 def redact(secret: str | None) -> str:
-    """A key as it may appear in logs: its first 4 characters and an ellipsis."""
-    if not secret:
-        return "<none>"
-    return secret[:4] + "…"
+    """A key as it may appear in logs: whether it is set and its length, no character of it."""
+    return mask_secret(secret)
 
 
 class CoordinatorError(EngineError):
@@ -124,6 +124,16 @@ class ProtocolError(CoordinatorError):
     code = "coordinator_protocol_error"
 
 
+class JournalUnavailableError(EngineError):
+    """The miner's journal could not be written and the agent is stopping (not an HTTP error).
+
+    Raised only when a stop ends the wait for a full or read-only disk; until then
+    journal writes are retried, so no job is dropped.
+    """
+
+    code = "journal_unavailable"
+
+
 _BY_STATUS: dict[int, type[CoordinatorError]] = {
     400: BadRequestError,
     401: UnauthorizedError,
@@ -156,8 +166,8 @@ def _detail_text(detail: Any) -> str:
 def parse_error_body(body: bytes) -> tuple[str, str | None, list[dict[str, Any]]]:
     """(message, error code, details) from an error body of either shape, or its raw text."""
     try:
-        doc = json.loads(body.decode("utf-8")) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = load_json(body, what="error reply") if body else None
+    except JsonInputError:
         text = body[:300].decode("utf-8", "replace").strip()
         return (text or "(empty body)", None, [])
     if isinstance(doc, Mapping):

@@ -14,24 +14,34 @@ gains them when it is opened (old rows get their day and the terms their
 receipt states). A body the coordinator refused
 (400/422) is kept as ``rejected`` for inspection; a job the coordinator no
 longer holds for us is kept as ``dropped`` with the reason.
+
+A write that fails because of the storage (a full disk, a read-only or
+failing file system, the journal locked by another process) is retried with
+a growing pause (0.5 s doubling to 30 s), with an ERROR line when it starts
+failing and a WARNING when it works again: the job it records is neither run
+twice nor dropped, and the agent simply waits until the disk takes writes
+again. :meth:`Outbox.stop_retrying` (the agent's stop) ends such a wait with
+:class:`~engine.coordinator.errors.JournalUnavailableError`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
+from engine.coordinator.errors import JournalUnavailableError
 from engine.coordinator.receipts import priced_terms
-from engine.state import tighten_private
+from engine.state import StateDirError, problem_text, tighten_private
 
 if TYPE_CHECKING:
     from engine.coordinator.receipts import ReceiptCheck
@@ -143,6 +153,29 @@ def _acked_row(r: tuple[Any, ...]) -> dict[str, Any]:
             "unit_price": r[11], "price": r[12], "day": r[13]}
 
 
+# Failures of the storage, not of the statement, retried until the disk takes writes again:
+# SQLite's primary result codes BUSY 5, LOCKED 6, READONLY 8, IOERR 10, FULL 13, CANTOPEN 14
+# (numbers, since the module names them only from Python 3.11), and their messages for
+# Pythons whose exceptions do not carry the code.
+_STORAGE_CODES = frozenset({5, 6, 8, 10, 13, 14})
+_STORAGE_MESSAGES = ("disk is full", "disk i/o error", "readonly database", "read-only",
+                     "unable to open database", "database is locked")
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an error of the disk under the journal (full, read-only, I/O, locked)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _STORAGE_CODES
+        return any(text in str(exc).lower() for text in _STORAGE_MESSAGES)
+    return isinstance(exc, OSError)
+
+
 def _private_folder(folder: Path) -> None:
     """Make ``folder`` with mode 0700; an existing one readable by others is named in a
     warning (left as it is: it may be a folder the operator shares on purpose)."""
@@ -156,12 +189,30 @@ def _private_folder(folder: Path) -> None:
                     "itself is kept 0600, but consider chmod 700 %s", folder, mode, folder)
 
 
+_Write = Callable[Concatenate["Outbox", _P], _T]
+
+
+def _durable(method: _Write[_P, _T]) -> _Write[_P, _T]:
+    """A write of the journal, retried while the storage fails (see the module's docs)."""
+
+    @functools.wraps(method)
+    def write(self: Outbox, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._retrying(lambda: method(self, *args, **kwargs), method.__name__)
+
+    return write
+
+
 class Outbox:
     """The journal at ``path`` (created, with its folder, when missing). Thread-safe."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        _private_folder(self.path.parent)
+        self._stop_retrying = threading.Event()
+        try:
+            _private_folder(self.path.parent)
+        except OSError as exc:
+            raise StateDirError(f"the journal's folder {self.path.parent} is unusable: "
+                                f"{problem_text(exc)}; or pass --state-dir") from exc
         # Private from the first byte: the file is made 0600 before SQLite opens it, and
         # SQLite gives its -wal and -shm files the database file's mode; the umask covers
         # anything else made meanwhile. Files an older engine left looser are tightened.
@@ -177,10 +228,51 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_storage_error(exc):
+                raise
+            problem = problem_text(exc) if isinstance(exc, OSError) else str(exc)
+            raise StateDirError(f"cannot open the journal {self.path}: {problem}; free space "
+                                "or make the folder writable, or pass --state-dir") from exc
         finally:
             os.umask(old_umask)
         self._migrate()
 
+    def stop_retrying(self) -> None:
+        """End any wait for the disk: a write failing now raises instead of retrying."""
+        self._stop_retrying.set()
+
+    def _retrying(self, write: Callable[[], _T], what: str) -> _T:
+        """Run ``write`` (one whole transaction) until the storage lets it through."""
+        delay, failing_since, attempts = RETRY_FIRST_SECONDS, 0.0, 0
+        while True:
+            try:
+                done = write()
+            except (OSError, sqlite3.Error) as exc:
+                if not is_storage_error(exc):
+                    raise
+                attempts += 1
+                if attempts == 1:
+                    failing_since = time.monotonic()
+                    log.error("journal %s: cannot write (%s: %s); the job is kept and the write "
+                              "retried every %.1f to %.0f s until the disk takes it (free space "
+                              "or make the folder writable)", self.path, what, exc,
+                              RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
+                elif attempts % 10 == 0:
+                    log.warning("journal %s: still cannot write (%s: %s) after %.0f s",
+                                self.path, what, exc, time.monotonic() - failing_since)
+                if self._stop_retrying.wait(delay):
+                    raise JournalUnavailableError(
+                        f"the journal {self.path} could not be written ({exc}) and the agent "
+                        "is stopping; what it had journalled before stays there") from exc
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            if attempts:
+                log.warning("journal %s: writable again after %.0f s (%d attempts); work "
+                            "goes on", self.path, time.monotonic() - failing_since, attempts)
+            return done
+
+    @_durable
     def _migrate(self) -> None:
         """Add the ``acked`` columns a journal written by an older engine lacks, and fill them.
 
@@ -215,10 +307,12 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some failures (a full disk).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""
@@ -226,6 +320,7 @@ class Outbox:
             self._db.close()
 
     # ------------------------------------------------------------ writes
+    @_durable
     def accepted(self, scope: str, job_id: str, payload: Any) -> None:
         """Journal a job the coordinator assigned to us, before it runs."""
         now = time.time()
@@ -234,6 +329,7 @@ class Outbox:
                        "accepted_at, updated_at) VALUES (?, ?, 'accepted', ?, ?, ?)",
                        (scope, job_id, _dumps(payload), now, now))
 
+    @_durable
     def finished(self, scope: str, job_id: str, kind: Literal["result", "failure"],
                  body: dict[str, Any], result: dict[str, Any] | None = None) -> None:
         """Journal a finished job's wire body (and the engine's JobResult) before submitting it."""
@@ -247,12 +343,14 @@ class Outbox:
                            "finished_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (scope, job_id, kind, _dumps(body), _dumps(result), now, now))
 
+    @_durable
     def attempted(self, scope: str, job_id: str, note: str | None = None) -> None:
         """Count a submission attempt that did not get an answer (it stays pending)."""
         with self._tx() as db:
             db.execute("UPDATE entries SET attempts = attempts + 1, note = ?, updated_at = ? "
                        "WHERE scope = ? AND job_id = ?", (note, time.time(), scope, job_id))
 
+    @_durable
     def acknowledge(self, scope: str, job_id: str, *, receipt: dict[str, Any] | None = None,
                     duplicate: bool = False, receipt_check: ReceiptCheck | None = None) -> None:
         """The coordinator acknowledged: move the entry to ``acked`` in one transaction.
@@ -280,6 +378,7 @@ class Outbox:
                         _model_of(result, payload, receipt), terms["units"],
                         terms["unit_type"], terms["unit_price"], terms["price"], _day(now)))
 
+    @_durable
     def _set_state(self, scope: str, job_id: str, state: State, note: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE entries SET state = ?, note = ?, updated_at = ? "
@@ -344,6 +443,7 @@ class Outbox:
         return {"kind": row[0], "acked_at": row[1], "receipt": _loads(row[2]),
                 "duplicate": bool(row[3])}
 
+    @_durable
     def forget_ack(self, scope: str, job_id: str) -> None:
         """Forget an acknowledgement that proved wrong (the job was assigned to us again)."""
         with self._tx() as db:
@@ -366,6 +466,7 @@ class Outbox:
         return [_acked_row(r) for r in rows]
 
     # ------------------------------------------------------------ identity
+    @_durable
     def save_identity(self, key: str, data: dict[str, Any]) -> None:
         """Persist the miner's identity at a coordinator (the doc dialect's id and key)."""
         with self._tx() as db:

@@ -63,6 +63,16 @@ class ServerError(EngineError):
         self.headers = headers or {}
 
 
+class BodyError(StarletteHTTPException):
+    """A request body that cannot be read as JSON (not UTF-8, not JSON, nested too deeply):
+    422 naming the field when known. An HTTPException, so FastAPI's body reading passes it
+    on instead of answering a bare 400."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(422, message)
+        self.field = field
+
+
 def status_for(code: str) -> int:
     """The HTTP status for an engine error code (500 for unexpected ones)."""
     return _STATUS_BY_CODE.get(code, 500)
@@ -92,7 +102,8 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
-    return error_response(exc.status_code, code, message,
+    field = exc.field if isinstance(exc, BodyError) else None
+    return error_response(exc.status_code, code, message, field,
                           headers=dict(exc.headers) if exc.headers else None)
 
 

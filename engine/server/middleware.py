@@ -1,11 +1,18 @@
-"""The request body limit: bodies over ``max_bytes`` get 413, by header or while streaming."""
+"""Reading request bodies: the size limit (413, by header or while streaming) and the JSON
+limits (:class:`SafeJsonRoute`: 422 naming the field, never a 400 or 500)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.server.errors import error_response
+from engine.payloads import JsonInputError, load_json
+from engine.server.errors import BodyError, error_response
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
@@ -55,3 +62,29 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited, send)
+
+
+class _SafeJsonRequest(Request):
+    """A request whose JSON body is read by :func:`engine.payloads.load_json`: nesting
+    past its depth limit or text that is not UTF-8 JSON is a :class:`BodyError` (422), and
+    a huge integer is out of its field's range (422 naming the field), not a parse crash."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = load_json(await self.body(), what="request body")
+            except JsonInputError as exc:
+                raise BodyError(exc.message, field=exc.field) from exc
+        return self._json
+
+
+class SafeJsonRoute(APIRoute):
+    """The API's route class: bodies FastAPI parses are read with :class:`_SafeJsonRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def safe_handler(request: Request) -> Response:
+            return await handler(_SafeJsonRequest(request.scope, request.receive))
+
+        return safe_handler

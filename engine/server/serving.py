@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from engine.executor import Engine
 from engine.jobqueue import DEFAULT_HISTORY, DEFAULT_MAX_QUEUE
+from engine.logsafe import uvicorn_log_config
 from engine.server.app import create_app
 from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
@@ -65,9 +66,12 @@ def build_server(engine: Engine, options: ServeOptions) -> Any:
                      history=options.history, preload=options.preload, profile=options.profile,
                      close_engine=True)
     timeout = None if options.shutdown_timeout is None else math.ceil(options.shutdown_timeout)
+    # uvicorn's loggers write through the safe formatter: a request line cannot forge log
+    # lines, and a token sent in a query string is redacted from the access log (-v).
     config = uvicorn.Config(app, host=options.host, port=options.port,
                             log_level=options.log_level, timeout_graceful_shutdown=timeout,
-                            access_log=options.log_level in ("debug", "trace"))
+                            access_log=options.log_level in ("debug", "trace"),
+                            log_config=uvicorn_log_config())
     return uvicorn.Server(config)
 
 
@@ -114,7 +118,8 @@ def running_server(app: FastAPI, *, host: str = DEFAULT_HOST,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
+                                           log_config=uvicorn_log_config()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="api-uvicorn", daemon=True)
     thread.start()

@@ -7,18 +7,23 @@ OpenAPI schema is the payload union's (:func:`engine.payloads.payload_json_schem
 
 from __future__ import annotations
 
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.jobs import JobResult
+from engine.jobs import JOB_ID_PATTERN, JobResult
 from engine.payloads import payload_json_schema
 from engine.server.auth import Authorized
+from engine.server.middleware import SafeJsonRoute
 from engine.server.schemas import CancelView, JobAccepted, JobView, error_responses
 from engine.server.service import Service
 
-router = APIRouter(dependencies=Authorized, tags=["jobs"])
+router = APIRouter(route_class=SafeJsonRoute, dependencies=Authorized, tags=["jobs"])
+
+_JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id: 1 to 128 "
+                                 "characters of A-Z a-z 0-9 . _ : -, the first a letter or digit")]
 
 _BODY = {"required": True, "content": {"application/json": {"schema": payload_json_schema()[0]}}}
 
@@ -42,13 +47,13 @@ async def post_job(request: Request, service: Service, wait: bool = Query(
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, response_model_exclude_none=True,
             responses=error_responses(404))
-def get_job(job_id: str, service: Service) -> JobView:
+def get_job(job_id: _JobIdPath, service: Service) -> JobView:
     """State and (once finished) result of an accepted job."""
     return JobView.of(service.queue.record(job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=CancelView, status_code=202,
                responses=error_responses(404, 409))
-def cancel_job(job_id: str, service: Service) -> CancelView:
+def cancel_job(job_id: _JobIdPath, service: Service) -> CancelView:
     """Cancel a job: a queued one is dropped, a running one stops at its next token."""
     return CancelView(job_id=job_id, state=service.queue.cancel(job_id))

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Request
 
 from engine.inventory import hardware_document
 from engine.server.auth import Authorized
+from engine.server.middleware import SafeJsonRoute
 from engine.server.schemas import Health, error_responses
 from engine.server.service import Service
 
-router = APIRouter()
+router = APIRouter(route_class=SafeJsonRoute)
 
 
 @router.get("/health", response_model=Health, tags=["meta"])

@@ -7,10 +7,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.server.auth import Authorized
+from engine.server.middleware import SafeJsonRoute
 from engine.server.schemas import error_responses
 from engine.server.service import Service
 
-router = APIRouter(dependencies=Authorized, tags=["meta"])
+router = APIRouter(route_class=SafeJsonRoute, dependencies=Authorized, tags=["meta"])
 
 
 @router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **error_responses()})

@@ -7,10 +7,11 @@ from fastapi import APIRouter
 from engine.errors import EngineError
 from engine.inventory import model_views
 from engine.server.auth import Authorized
+from engine.server.middleware import SafeJsonRoute
 from engine.server.schemas import EvictView, LoadView, ModelList, error_responses
 from engine.server.service import Service
 
-router = APIRouter(dependencies=Authorized, tags=["models"])
+router = APIRouter(route_class=SafeJsonRoute, dependencies=Authorized, tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses())
