@@ -31,6 +31,7 @@ from conftest import TINY_NAME
 from engine import Engine
 from engine.jobs import ExecutionProfile, JobResult
 from engine.kernels import KERNEL_NAME, rowgemm
+from engine.kernels import library as kernel_library
 from engine.registry import Registry
 
 PLANTED_C = r"""
@@ -51,7 +52,7 @@ void rowgemm(void) {}
 
 
 def _compiler() -> str:
-    compiler = rowgemm._compiler()
+    compiler = kernel_library._compiler()
     if compiler is None:
         pytest.skip("no C compiler here")
     return compiler
@@ -88,18 +89,18 @@ def _plant(planted: tuple[Path, Path], cache: Path, *, folder_mode: int = 0o700,
     """
     library, marker = planted
     marker.unlink(missing_ok=True)
-    target = rowgemm.library_path(_compiler(), cache)
+    target = kernel_library.library_path(_compiler(), cache)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.parent.chmod(folder_mode)
     shutil.copyfile(library, target)
     target.chmod(0o600)
     if record is not None:
         data = target.read_bytes() if record == "matching" else b"the engine's own build"
-        doc = {"format": rowgemm.RECORD_FORMAT, "compiler": _compiler(),
-               "compiler_version": "cc 1.0", "flags": list(rowgemm.FLAGS), "isa": ["fma"],
+        doc = {"format": kernel_library.RECORD_FORMAT, "compiler": _compiler(),
+               "compiler_version": "cc 1.0", "flags": list(kernel_library.FLAGS), "isa": ["fma"],
                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        rowgemm.record_path(target).write_text(json.dumps(doc))
-        rowgemm.record_path(target).chmod(0o600)
+        kernel_library.record_path(target).write_text(json.dumps(doc))
+        kernel_library.record_path(target).chmod(0o600)
     return target
 
 
@@ -129,7 +130,7 @@ def test_a_library_whose_digest_is_not_the_recorded_one_never_runs(
     assert str(target) in status.reason and "sha256" in status.reason
     assert "recorded" in status.reason and "delete it" in status.reason
     assert _falls_back_to_blas()
-    assert target.exists() and rowgemm.record_path(target).exists()
+    assert target.exists() and kernel_library.record_path(target).exists()
 
 
 @pytest.mark.parametrize("mode", [0o666, 0o620], ids=oct)
@@ -157,7 +158,7 @@ def test_a_loose_folder_of_ours_is_tightened_with_a_warning(
         planted: tuple[Path, Path], tmp_path: Path, mode: int,
         caplog: pytest.LogCaptureFixture) -> None:
     target = _plant(planted, tmp_path / "cache", folder_mode=mode)
-    with caplog.at_level(logging.WARNING, logger="engine.kernels.rowgemm"):
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.library"):
         status = rowgemm.kernel_status(tmp_path / "cache")
     assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
     assert any("tightened" in r.getMessage() and f"{mode:04o}" in r.getMessage()
@@ -189,7 +190,7 @@ def test_a_folder_of_another_user_is_refused_and_left_alone(
     assert str(target.parent) in status.reason and f"belongs to uid {owner}" in status.reason
     assert "AITBC_ENGINE_CACHE" in status.reason
     assert stat.S_IMODE(target.parent.stat().st_mode) == 0o755  # another's folder: untouched
-    assert target.exists() and rowgemm.record_path(target).exists()  # and nothing deleted
+    assert target.exists() and kernel_library.record_path(target).exists()  # and nothing deleted
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a file of another user needs root")
@@ -197,7 +198,7 @@ def test_a_folder_of_another_user_is_refused_and_left_alone(
 def test_a_file_of_another_user_in_our_folder_is_refused(
         planted: tuple[Path, Path], tmp_path: Path, which: str) -> None:
     target = _plant(planted, tmp_path / "cache", record="matching")
-    planted_file = target if which == "library" else rowgemm.record_path(target)
+    planted_file = target if which == "library" else kernel_library.record_path(target)
     os.chown(planted_file, 4242, 4242)
     status = rowgemm.kernel_status(tmp_path / "cache")
     assert not planted[1].exists(), "the planted library's constructor ran"
@@ -209,7 +210,7 @@ def test_a_file_of_another_user_in_our_folder_is_refused(
 def test_an_unreadable_build_record_is_refused(
         planted: tuple[Path, Path], tmp_path: Path) -> None:
     target = _plant(planted, tmp_path / "cache", record="matching")
-    rowgemm.record_path(target).write_text('{"format": "something else"}')
+    kernel_library.record_path(target).write_text('{"format": "something else"}')
     status = rowgemm.kernel_status(tmp_path / "cache")
     assert not planted[1].exists()
     assert not status.available and "build record is unreadable" in status.reason
@@ -258,7 +259,7 @@ def test_a_fresh_build_is_private_and_recorded(built: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     status = _use_cache(monkeypatch, built)
     assert status.available and status.library is not None and status.build is not None
-    library, record = status.library, rowgemm.record_path(status.library)
+    library, record = status.library, kernel_library.record_path(status.library)
     assert stat.S_IMODE(library.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(library.stat().st_mode) == 0o600  # no exec bit: dlopen needs none
     assert stat.S_IMODE(record.stat().st_mode) == 0o600
@@ -266,8 +267,8 @@ def test_a_fresh_build_is_private_and_recorded(built: Path,
     assert doc["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
     assert doc["size"] == library.stat().st_size
     build = status.build
-    assert doc == {"format": rowgemm.RECORD_FORMAT, **build.to_dict()}
-    assert build.compiler == _compiler() and build.flags == rowgemm.FLAGS
+    assert doc == {"format": kernel_library.RECORD_FORMAT, **build.to_dict()}
+    assert build.compiler == _compiler() and build.flags == kernel_library.FLAGS
     version = subprocess.run([build.compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout.splitlines()[0]
     assert build.compiler_version == version
@@ -341,6 +342,6 @@ def test_a_tampered_build_is_refused_until_deleted_then_rebuilt(
     status = _use_cache(monkeypatch, cache)
     assert not status.available and "sha256" in status.reason and str(library) in status.reason
     library.unlink()
-    rowgemm.record_path(library).unlink()
+    kernel_library.record_path(library).unlink()
     status = _use_cache(monkeypatch, cache)
     assert status.available and status.library == library
