@@ -164,13 +164,21 @@ def _read_job_file(path: str) -> bytes:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine.payloads import parse_payload
+    """Run one job. The job names its weights (``Job.weights``): a job file's own, else
+    ``--weights``, else pretrained; the engine runs with the job's, so the result's
+    profile matches the job a verifier is given. A job file without an id gets the one
+    its content gives (:func:`engine.payloads.parse_job_file`), as ``verify`` does."""
+    from engine.payloads import parse_job_file, parse_payload
 
     if args.job:
         if args.model or args.prompt is not None:
             raise EngineError("give either --job FILE or MODEL --prompt TEXT, not both",
                               code="usage")
-        job = parse_payload(_read_job_file(args.job))
+        job = parse_job_file(_read_job_file(args.job), weights=args.weights)
+        if args.weights is not None and job.weights != args.weights:
+            raise EngineError(f"the job file asks for {job.weights} weights, not the "
+                              f"{args.weights} weights --weights names", code="usage",
+                              field="weights")
     else:
         if not args.model or args.prompt is None:
             raise EngineError("give MODEL and --prompt TEXT, or --job FILE", code="usage")
@@ -184,18 +192,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.stop:
             params["stop"] = args.stop
         job = parse_payload({"model": args.model, "task": "text-generation",
-                             "prompt": args.prompt, "params": params})
+                             "prompt": args.prompt, "params": params,
+                             "weights": args.weights or "pretrained"})
+    args.weights = job.weights
     options = run_options(args, {**FLAGS, "job_timeout": "--timeout"}, job_timeout=args.timeout)
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     with build_engine(args, options) as engine:
-        result = engine.run(job)
+        result = engine.run(job, on_token=(lambda t: print(t.text, end="", file=out, flush=True))
+                            if args.stream else None)
+    if args.stream:
+        print(file=out, flush=True)
     if args.json:
         print(result.to_json())
     else:
-        _print_result(result)
+        _print_result(result, streamed=args.stream)
     return 0 if result.ok else 1
 
 
-def _print_result(result: Any) -> None:
+def _print_result(result: Any, *, streamed: bool = False) -> None:
     from rich.console import Console
 
     console = Console()
@@ -206,7 +220,8 @@ def _print_result(result: Any) -> None:
         return
     out = result.output
     if hasattr(out, "text"):
-        console.print(out.text, markup=False, highlight=False)
+        if not streamed:
+            console.print(out.text, markup=False, highlight=False)
     else:
         console.print(f"{len(out.embeddings)} vector(s) of {out.dimensions} dimensions")
     m = result.metrics
@@ -256,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="job time limit in seconds")
     p.add_argument("--json", action="store_true", help="print the JobResult JSON alone")
-    p.set_defaults(handler=_cmd_run)
+    p.add_argument("--stream", action="store_true",
+                   help="print the text token by token as it is decoded (to stderr with "
+                        "--json)")
+    # No default: a job file's own weights win over an absent --weights (see _cmd_run).
+    p.set_defaults(handler=_cmd_run, weights=None)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.errors import EngineError
 from engine.options import FLAGS, ServeLimits
 
 
@@ -65,6 +66,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds to wait to fill a batch (default 0)")
     p.add_argument("--job-timeout", type=float, default=None, help="job time limit in seconds")
+    p.add_argument("--ollama-compat", action="store_true",
+                   help="serve the Ollama routes (/api/generate, /api/chat, /api/embed, "
+                        "/api/tags, /api/version) without a token to clients on this machine, "
+                        "as Ollama clients send none; needs a loopback --host (use --port "
+                        "11434 to stand in for Ollama)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="on SIGINT/SIGTERM, seconds to let waiting requests finish "
                         "(default: as long as they take); running jobs always finish")
@@ -85,6 +91,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                shutdown_timeout=args.shutdown_timeout)
     run = run_options(args, max_concurrent=args.max_concurrent, batch_size=args.batch_size,
                       batch_window_seconds=args.batch_window, job_timeout=args.job_timeout)
+    if args.ollama_compat and not is_loopback(args.host):
+        raise EngineError(f"--ollama-compat serves the Ollama routes without a token, so it "
+                          f"needs a loopback --host, not {args.host!r}", code="usage",
+                          field="host")
     state_dir = args.state_dir or default_state_dir()
     token, where = _token(args, state_dir)  # before the engine: a bad state dir fails fast
     options = ServeOptions(host=args.host, port=limits.port, token=token,
@@ -92,6 +102,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            max_queue=limits.max_queue, history=limits.history,
                            preload=list(args.preload), profile=args.profile,
                            shutdown_timeout=limits.shutdown_timeout,
+                           ollama_compat=args.ollama_compat,
                            log_level="info" if args.verbose == 0 else "debug")
     with build_engine(args, run) as engine:
         def started(server: Any) -> None:
@@ -102,6 +113,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"aitbc-engine serving on http://{args.host}:{port}{scope} with "
                   f"{', '.join(d.id for d in engine.devices)}; token {where}", file=sys.stderr,
                   flush=True)
+            if args.ollama_compat:
+                print("aitbc-engine: Ollama routes (/api/*) open without a token to clients "
+                      "on this machine (--ollama-compat); OpenAI routes (/v1/chat/completions, "
+                      "/v1/completions, /v1/embeddings) need the token", file=sys.stderr,
+                      flush=True)
 
         serve(engine, options, on_started=started)
     return 0

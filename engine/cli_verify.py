@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.errors import InvalidJobError
+from engine.payloads import parse_job_file
 from engine.verify import MODES, VerificationInputError, Verifier
 
 
@@ -49,8 +51,9 @@ def register(subparsers: Any) -> None:
                    help="precision of tolerant's reference forward pass (default: float32; "
                         "exact always re-runs in the recorded dtype)")
     p.add_argument("--weights", default=None, choices=["pretrained", "random"],
-                   help="accept only results made with these weights (default: whatever the "
-                        "profile says, checked against its digest)")
+                   help="accept only results made with these weights; also the weights the "
+                        "job asks for when the job file names none (default: the job's, "
+                        "pretrained unless it says random)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(handler=_cmd_verify)
 
@@ -58,7 +61,13 @@ def register(subparsers: Any) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.job == "-" and args.result == "-":
         raise VerificationInputError("only one of --job and --result can be read from stdin")
-    job = _read(args.job, "job")
+    try:
+        # Read as ``run --job`` reads it: an id-less file gets its content's id, and a file
+        # that names no weights asks for --weights' (else pretrained).
+        job = parse_job_file(_read(args.job, "job"), weights=args.weights)
+    except InvalidJobError as exc:
+        raise VerificationInputError(f"the job cannot be used: {exc.message}",
+                                     field="job") from exc
     result = _read(args.result, "result")
     with Verifier(args.registry, device=args.device, reference_dtype=args.dtype,
                   require_weights=args.weights) as verifier:

@@ -34,6 +34,7 @@ from engine.works import Decode, QueuedJob, RunContext, Work, make_work
 
 if TYPE_CHECKING:  # torch-heavy: imported when the first runner starts, not by `import engine`
     from engine.runner import DeviceRunner
+    from engine.tasks.generation import TokenCallback
     from engine.tasks.static_decode import DecoderStats, GraphBackend
 
 __all__ = ["ENGINE_VERSION", "Decode", "Engine", "JobHandle", "default_batch_size"]
@@ -149,12 +150,18 @@ class Engine:
 
     # ------------------------------------------------------------ public API
     def run(self, job: Job | Mapping[str, Any] | str | bytes, *,
-            timeout: float | None = None) -> JobResult:
+            timeout: float | None = None, on_token: TokenCallback | None = None) -> JobResult:
         """Run one job and return its result; failures come back as failed results."""
-        return self.submit(job).result(timeout)
+        return self.submit(job, on_token=on_token).result(timeout)
 
-    def submit(self, job: Job | Mapping[str, Any] | str | bytes) -> JobHandle:
-        """Queue a job (a :class:`Job` or any payload :func:`parse_payload` takes)."""
+    def submit(self, job: Job | Mapping[str, Any] | str | bytes, *,
+               on_token: TokenCallback | None = None) -> JobHandle:
+        """Queue a job (a :class:`Job` or any payload :func:`parse_payload` takes).
+
+        A model named by one of its registry aliases runs (and is hashed) under its
+        registry name. ``on_token`` hears each token of a generation job as it is decoded
+        (:class:`~engine.tasks.generation.StreamedToken`, on the device's thread).
+        """
         future: Future[JobResult] = Future()
         try:
             parsed = job if isinstance(job, Job) else parse_payload(job)
@@ -164,7 +171,9 @@ class Engine:
                                       task="text-generation")
             future.set_result(failed_result(bad, exc))
             return JobHandle(QueuedJob(bad, future, time.monotonic()), self)
-        item = QueuedJob(parsed, future, time.monotonic())
+        if self.registry.canonical(parsed.model) != parsed.model:
+            parsed = parsed.model_copy(update={"model": self.registry.canonical(parsed.model)})
+        item = QueuedJob(parsed, future, time.monotonic(), on_token=on_token)
         try:
             item.spec = self._check_job(parsed)
         except EngineError as exc:

@@ -1,6 +1,6 @@
 """Canonical encoding of a job and its output, and the ``sha256:`` result hash.
 
-Pure functions, no torch. The encoding (version ``aitbc-result/1``) is
+Pure functions, no torch. The encoding (version ``aitbc-result/2``) is
 specified in the README so that anyone can recompute a hash with ``hashlib``
 and ``json`` alone:
 
@@ -12,10 +12,15 @@ and ``json`` alone:
   ``input_sha256`` (hex SHA-256 of the canonical JSON of the job's input, see
   :func:`input_document`), ``params`` (the normalised decoding parameters) and
   ``output``;
-* ``output`` of a generation is ``{"finish_reason", "text", "token_ids"}``; of
+* ``output`` of a generation is ``{"commitment", "finish_reason", "text", "token_ids"}``
+  (``commitment``: the activation commitment string of :mod:`engine.commitment`, ``null``
+  when the output has none); of
   an embedding, ``{"count", "dimensions", "vectors_sha256"}`` where the digest
   is over the float32 little-endian bytes of every vector, in input order;
 * ``result_hash = "sha256:" + sha256(canonical bytes).hexdigest()``.
+
+Version 2 added ``commitment`` to a generation's output; a version 1 result does not
+recompute under version 2, and verifiers refuse it by its profile's hash version.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from engine.jobs import EmbeddingOutput, GenerationOutput, Job
 
-HASH_VERSION = "aitbc-result/1"
+HASH_VERSION = "aitbc-result/2"
 _SEED_DOMAIN = b"aitbc-seed/1\n"
 
 
@@ -49,7 +54,7 @@ def input_document(job: Job) -> dict[str, Any]:
     the job has, ``{"prompt": str}``, ``{"prompt_token_ids": [int, ...]}`` or
     ``{"messages": [{"content": str, "role": str}, ...]}``, plus ``"system": str``
     only when the job has a system prompt. A job without ``messages`` or
-    ``system`` hashes exactly as before they existed (still ``aitbc-result/1``).
+    ``system`` has no ``messages`` or ``system`` key in its input document.
     """
     if job.task == "embedding":
         return {"input": list(job.input or [])}
@@ -110,8 +115,8 @@ def float32_le_bytes(vectors: list[list[float]]) -> bytes:
 def output_document(output: GenerationOutput | EmbeddingOutput) -> dict[str, Any]:
     """The output as it enters the canonical document."""
     if isinstance(output, GenerationOutput):
-        return {"finish_reason": output.finish_reason, "text": output.text,
-                "token_ids": list(output.token_ids)}
+        return {"commitment": output.commitment, "finish_reason": output.finish_reason,
+                "text": output.text, "token_ids": list(output.token_ids)}
     return {"count": len(output.embeddings), "dimensions": output.dimensions,
             "vectors_sha256": sha256_hex(float32_le_bytes(output.embeddings))}
 

@@ -37,6 +37,7 @@ from engine.payloads import parse_payload
 
 if TYPE_CHECKING:
     from engine.executor import Engine, JobHandle
+    from engine.tasks.generation import TokenCallback
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,12 @@ class JobQueue:
         return max(1, min(MAX_RETRY_AFTER_SECONDS,
                           math.ceil(self._mean_seconds * ahead / self.capacity)))
 
-    def submit(self, payload: Job | Mapping[str, Any] | str | bytes) -> JobRecord:
-        """Admit a job (a :class:`Job` or any payload shape): check it, queue it, record it."""
+    def submit(self, payload: Job | Mapping[str, Any] | str | bytes, *,
+               on_token: TokenCallback | None = None) -> JobRecord:
+        """Admit a job (a :class:`Job` or any payload shape): check it, queue it, record it.
+
+        ``on_token`` hears each generated token as it is decoded (see
+        :meth:`engine.executor.Engine.submit`)."""
         try:
             job = payload if isinstance(payload, Job) else parse_payload(payload)
             self.engine.registry.get(job.model)
@@ -236,7 +241,7 @@ class JobQueue:
                     f"({self.capacity} running + {self.max_queue} queued); retry in {wait} s",
                     retry_after=wait)
             try:
-                handle = self.engine.submit(job)
+                handle = self.engine.submit(job, on_token=on_token)
             except RuntimeError as exc:
                 raise NotAcceptingError(f"the engine is not taking jobs: {exc}",
                                         retry_after=SHUTDOWN_RETRY_AFTER_SECONDS) from exc

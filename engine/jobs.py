@@ -23,6 +23,7 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_EMBEDDING_INPUTS = 1024
 MAX_MESSAGES = 1024
 MAX_NOTES = 64
+MAX_TOP_LOGPROBS = 20
 
 # Field types shared by the job and every wire shape (engine.payloads), so each range is
 # written once.
@@ -92,6 +93,9 @@ class GenerationParams(SamplingParams):
     """Decoding parameters of a text-generation job. ``temperature == 0`` is greedy."""
 
     stop: Stops = Field(default_factory=list)
+    # Log-probabilities per generated token with this many alternatives (0 to 20); None: off.
+    # Not hashed: they describe the output, they are not part of it.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +112,10 @@ class Job(Strict):
     ``system`` is a chat job (:attr:`chat`): its :meth:`conversation` is rendered
     through the model's chat template (README "Job payloads"). ``notes`` say what
     the payload it came from held that the engine did not use (keys ignored).
+    ``weights`` names the weights the job asks for: ``pretrained`` (every
+    coordinator job) or ``random`` (a seeded random build, for machines
+    without the real weights); a verifier rejects a result made with others.
+    It is not part of the result hash: the profile's weight digest is.
     """
 
     job_id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -119,6 +127,7 @@ class Job(Strict):
     system: SystemPrompt | None = None
     input: Texts | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
+    weights: Literal["pretrained", "random"] = "pretrained"
     notes: Notes | None = None
 
     @model_validator(mode="after")
@@ -192,12 +201,35 @@ class Job(Strict):
         return self
 
 
+class TopLogprob(Strict):
+    """A candidate token at one step and its log-probability under the model."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability (natural log of the model's softmax over the
+    logits row it was chosen from, before penalties and temperature) and the ``top``
+    most likely tokens of that row, most likely first."""
+
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerationOutput(Strict):
-    """What a text-generation job produced."""
+    """What a text-generation job produced.
+
+    ``commitment`` is the activation commitment of the generation (``engine.commitment``:
+    top-k entries of the last hidden state at a stride of tokens), set by the engine on
+    every completed job and covered by the result hash.
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: Literal["eos", "stop", "length"]
+    commitment: str | None = Field(default=None, max_length=1_000_000)
+    logprobs: list[TokenLogprob] | None = None  # when params.logprobs asked; not hashed
 
 
 class EmbeddingOutput(Strict):
@@ -231,6 +263,9 @@ class Metrics(Strict):
     # Capture of the fast path's decode step for this job's cache length, done before the
     # job's clock started (included in load_time_seconds, absent when nothing was warmed).
     warmup_seconds: float | None = None
+    # From the last token to the end of the job: mostly the activation commitment's
+    # teacher-forced pass; inside execution_time_seconds (ttft + (n - 1) * tpot + this).
+    commitment_seconds: float | None = None
     # True when energy_joules is interpolated or extrapolated from NVML's counter, which
     # updates less often than this job's span.
     energy_estimated: bool | None = None

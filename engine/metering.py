@@ -48,6 +48,9 @@ class Measurement:
     device: str
     gpu_count: int
     method: str
+    # Seconds from the last token to the window's end, spent finishing the output (the
+    # generation's activation commitment pass, the text); None unless marked finalizing.
+    finalize_seconds: float | None = None
 
     @property
     def ttft_seconds(self) -> float | None:
@@ -165,6 +168,7 @@ class MeterWindow:
         self._begin_events: list[Any] = []
         self._rss: _RssSampler | None = None
         self._result: Measurement | None = None
+        self._finalize_at: float | None = None
 
     @property
     def elapsed(self) -> float:
@@ -194,6 +198,11 @@ class MeterWindow:
         now = time.perf_counter() - self._t0
         self._tokens.extend([now] * count)
 
+    def finalizing(self) -> None:
+        """Mark that the decode is over and the output is being finished (metered apart)."""
+        if self._finalize_at is None:
+            self._finalize_at = time.perf_counter() - self._t0
+
     def stop(self) -> Measurement:
         """Close the window (after CUDA synchronisation) and return the measurement."""
         if self._result is not None:
@@ -221,7 +230,9 @@ class MeterWindow:
         self._result = Measurement(
             wall_seconds=wall, gpu_seconds=wall * len(self.gpus), gpu_busy_seconds=busy,
             energy_joules=energy, peak_memory_bytes=peak, token_times=tuple(self._tokens),
-            device=device, gpu_count=len(self.gpus), method=method)
+            device=device, gpu_count=len(self.gpus), method=method,
+            finalize_seconds=None if self._finalize_at is None
+            else max(0.0, wall - (self._tokens[-1] if self._tokens else self._finalize_at)))
         return self._result
 
     def _energy(self, gpu: Device) -> int | None:

@@ -106,7 +106,7 @@ def job_metrics(own: Measurement, share: JobShare, *, load_seconds: float, promp
                    gpu_busy_seconds=share.gpu_busy_seconds, energy_joules=share.energy_joules,
                    peak_memory_bytes=share.peak_memory_bytes, queue_seconds=queue_seconds,
                    model_memory_bytes=model_memory_bytes, warmup_seconds=warmup_seconds,
-                   energy_estimated=estimated)
+                   energy_estimated=estimated, commitment_seconds=own.finalize_seconds)
 
 
 def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | EmbeddingOutput,

@@ -33,6 +33,7 @@ converted digit by digit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -344,6 +345,30 @@ def parse_payload(payload: Any, *, job_id: str | None = None) -> Job:
     return job.model_copy(update={"notes": _bounded(notes)}) if notes else job
 
 
+def content_job_id(payload: Any) -> str:
+    """An id derived from a payload's content: ``job-`` + the first 24 hex digits of the
+    SHA-256 of its canonical JSON (keys sorted, no spaces, ASCII escapes)."""
+    canonical = json.dumps(_decode(payload), sort_keys=True, separators=(",", ":"))
+    return "job-" + hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def parse_job_file(payload: Any, *, weights: Literal["pretrained", "random"] | None = None
+                   ) -> Job:
+    """A job read from a file (``aitbc-engine run --job`` and ``verify --job``).
+
+    :func:`parse_payload`, and when the payload names no id, :func:`content_job_id`
+    (so two commands reading the same file agree on the job); ``weights`` is the
+    job's when the payload does not name them.
+    """
+    job = parse_payload(payload)
+    update: dict[str, Any] = {}
+    if "job_id" not in job.model_fields_set:
+        update["job_id"] = content_job_id(payload)
+    if weights is not None and "weights" not in job.model_fields_set:
+        update["weights"] = weights
+    return job.model_copy(update=update) if update else job
+
+
 # ---------------------------------------------------------------- the network's keys
 
 def _is_none_or(*neutral: Any) -> Callable[[Any], bool]:
@@ -546,7 +571,9 @@ __all__ = [
     "LlmRequest",
     "ServiceRequest",
     "check_depth",
+    "content_job_id",
     "load_json",
+    "parse_job_file",
     "parse_payload",
     "payload_json_schema",
     "payload_kind",

@@ -104,6 +104,8 @@ class ModelSpec(StrictModel):
 
     name: str
     description: str = ""
+    # Other names a job (or an Ollama client: ``smollm2:135m``) may use for this entry.
+    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list)
     task: Task
     architecture: str = Field(min_length=1)
     parameters: Annotated[int, Field(gt=0)]
@@ -127,6 +129,9 @@ class ModelSpec(StrictModel):
         if self.task == "embedding" and self.pooling is None:
             raise ValueError("an embedding entry must say its pooling (mean or cls)")
         return self
+
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
 class _RegistryFile(StrictModel):
@@ -196,6 +201,15 @@ class Registry:
     def __init__(self, specs: dict[str, ModelSpec], path: Path | None = None):
         self._specs = dict(specs)
         self.path = path
+        self._aliases: dict[str, str] = {}
+        for spec in self._specs.values():
+            for alias in spec.aliases:
+                other = self._aliases.get(alias) or (alias if alias in self._specs else None)
+                if other is not None:
+                    raise RegistryError(f"{path or 'registry'}: entry '{spec.name}': alias "
+                                        f"{alias!r} is already the name or an alias of "
+                                        f"'{other}'")
+                self._aliases[alias] = spec.name
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Registry:
@@ -238,9 +252,10 @@ class Registry:
         return cls(specs, file)
 
     def get(self, name: str) -> ModelSpec:
-        """The spec named ``name``; :class:`UnknownModelError` listing the known names otherwise."""
+        """The spec named ``name`` (or one of its aliases); :class:`UnknownModelError`
+        listing the known names otherwise."""
         try:
-            return self._specs[name]
+            return self._specs[self._aliases.get(name, name)]
         except KeyError:
             known = ", ".join(sorted(self._specs)) or "(none)"
             raise UnknownModelError(
@@ -249,8 +264,16 @@ class Registry:
                 field="model",
             ) from None
 
+    def canonical(self, name: str) -> str:
+        """The registry name for ``name`` (itself unless it is an alias)."""
+        return self._aliases.get(name, name)
+
+    def aliases(self) -> dict[str, str]:
+        """Every alias and the registry name it stands for."""
+        return dict(self._aliases)
+
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._specs or name in self._aliases
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())

@@ -6,17 +6,53 @@ A job's next token is chosen from its logits row in float32:
    logits of every id already seen (prompt and generated);
 2. greedy jobs (temperature 0) take the argmax;
 3. sampled jobs divide by the temperature, keep the top-k logits and the
-   smallest top-p nucleus, and take the probabilities ``p`` of what is left,
-   on the CPU; then ``q`` holds one ``Exp(1)`` draw per vocabulary entry from
-   the job's own CPU generator, seeded with the job's effective seed
-   (:func:`engine.hashing.effective_seed`) and advanced by exactly one
-   vocabulary-sized draw per step, and the token is ``argmax(p / q)``.
+   smallest top-p nucleus, and take the probabilities ``p`` of what is left
+   (float32 softmax on the CPU, 0 outside the set); the token is
+   ``argmax(p / q)`` in float64, the lowest id on a tie, where ``q`` holds
+   one ``Exp(1)`` draw per vocabulary entry from the job's draw stream below.
 
 Step 3 is the exponential race: it samples exactly from ``p``, and the draw
-for step ``k`` depends only on the seed, ``k`` and ``p`` — never on the
-device, the decode path, the batch mates or any global RNG. It is also what
-``torch.multinomial(p, 1, generator)`` computes on the CPU, so results from
-before this module keep their hashes.
+for step ``k`` depends only on the job's seed, ``k`` and ``p`` -- never on the
+device, the decode path, the batch mates, any global RNG or a library's
+version.
+
+The draw stream (rule ``philox4x64-10/exp``), exact enough to reimplement
+without numpy:
+
+* **Generator**: Philox4x64-10 (Salmon et al., SC11, "Parallel Random
+  Numbers: As Easy as 1, 2, 3"): a 256-bit counter ``(c0, c1, c2, c3)``
+  enciphered under a 128-bit key ``(k0, k1)`` by ten rounds, each
+  ``(hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))`` with
+  ``M0 = 0xD2E7470EE14C6C93``, ``M1 = 0xCA5A826395121157`` (128-bit products
+  split into 64-bit halves), the key bumped by ``(0x9E3779B97F4A7C15,
+  0xBB67AE8584CAA73B)`` (mod 2**64) before every round but the first.
+* **Key**: ``k0`` = the job's effective seed
+  (:func:`engine.hashing.effective_seed`, an integer in ``[0, 2**63)``),
+  ``k1 = 0``.
+* **Counter**: block ``b = 0, 1, 2, ...`` enciphers the counter ``b + 1``
+  (``c0 = b + 1``, the other words 0) and yields its four output words in
+  order, so raw word ``n`` of the stream is output word ``n mod 4`` of
+  block ``n // 4``. This is numpy's ``np.random.Philox(key=seed)`` (counter
+  0, incremented before each block) read with ``random_raw``.
+* **Consumption**: step ``k`` (0 for the first generated token) of a job
+  with vocabulary size ``V`` takes raw words ``k*V`` to ``k*V + V - 1``;
+  word ``k*V + i`` belongs to token id ``i``. Every sampled step takes
+  exactly ``V`` words, whatever the set kept.
+* **Draw**: each raw 64-bit word ``r`` gives ``u = ((r >> 12) + 0.5) * 2**-52``
+  and ``q = -log(u)`` in float64. ``u`` is exact in float64 (``r >> 12`` has
+  52 bits, so adding 0.5 needs 53) and lies in ``[2**-53, 1 - 2**-53]``,
+  strictly inside (0, 1), so ``q`` is finite and positive. (With ``r >> 11``
+  and ``2**-53`` the sum would need 54 bits and round to ``u = 1``, ``q = 0``.)
+  ``log`` is float64's natural logarithm; libraries may differ in its last
+  bit, which can only change a race whose two best scores tie to ~1e-16.
+
+The rule is these words, not a library: Philox4x64-10 with an explicit key
+and counter is a published integer function, so its output cannot drift with
+a version (numpy's compatibility policy, NEP 19, lets ``Generator`` methods
+change their algorithms, but a bit generator's raw words are its definition).
+numpy's ``Philox`` is only a fast implementation of it;
+``tests/test_verify_rules.py`` checks it against a direct pure-Python
+reimplementation of the words above.
 
 Every chosen row is checked to be finite first: NaN or infinite logits (fp16
 overflow) raise :class:`~engine.errors.NumericalOverflowError` instead of
@@ -27,22 +63,48 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from engine.errors import NumericalOverflowError
 from engine.jobs import GenerationParams
 
+SAMPLING_RULE = "philox4x64-10/exp"
+"""The name of the draw stream described in the module docstring."""
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """The CPU generator a sampled job draws from."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator
+_SHIFT = np.uint64(12)
+_SCALE = 2.0 ** -52
 
 
-def exponential_draws(generator: torch.Generator, vocab: int) -> torch.Tensor:
-    """One step's ``Exp(1)`` draws, one per vocabulary entry (float32, CPU)."""
-    return torch.empty(vocab, dtype=torch.float32).exponential_(1, generator=generator)
+def seeded_generator(seed: int) -> np.random.Philox:
+    """The draw stream of a sampled job: Philox4x64-10 keyed ``(seed, 0)``, counter 0."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"a sampling seed is a 64-bit unsigned integer, got {seed}")
+    return np.random.Philox(key=seed)
+
+
+def uniforms(raw: np.ndarray) -> np.ndarray:
+    """Raw 64-bit words to ``u = ((r >> 12) + 0.5) * 2**-52``, exact, strictly inside (0, 1)."""
+    u = (raw >> _SHIFT).astype(np.float64)
+    u += 0.5
+    u *= _SCALE
+    return u
+
+
+def exponential_draws(generator: np.random.Philox, vocab: int) -> torch.Tensor:
+    """One step's ``Exp(1)`` draws ``q = -log(u)``, one per vocabulary entry (float64, CPU).
+
+    Takes exactly ``vocab`` raw words from ``generator``.
+    """
+    q = uniforms(generator.random_raw(vocab))
+    np.log(q, out=q)
+    np.negative(q, out=q)
+    return torch.from_numpy(q)
+
+
+def race(probs: torch.Tensor, q: torch.Tensor) -> int:
+    """The exponential race: ``argmax(p / q)`` in float64 (lowest id on a tie)."""
+    return int(torch.argmax(probs.to(torch.float64) / q).item())
 
 
 def nucleus_logits(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
@@ -111,5 +173,4 @@ class Sampler:
         probs = nucleus_logits(row, self.params).softmax(-1)
         if self._generator is None:  # sampled without a seed cannot happen: seeds are derived
             raise ValueError("a sampled job needs a seed")
-        q = exponential_draws(self._generator, probs.numel())
-        return int(torch.argmax(probs / q).item())
+        return race(probs, exponential_draws(self._generator, probs.numel()))

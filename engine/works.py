@@ -25,7 +25,7 @@ from engine.errors import EngineError, ExecutionError, JobCancelledError, JobTim
 from engine.hardware import Device
 from engine.jobs import EmbeddingOutput, GenerationOutput, Job, JobResult
 from engine.loading import LoadedModel, Weights
-from engine.metering import Meter, MeterWindow
+from engine.metering import Meter, MeterWindow, StepRecord
 from engine.options import Decode
 from engine.outcomes import classify, completed_result, failed_result, job_metrics
 from engine.pool import ModelPool
@@ -34,7 +34,7 @@ from engine.scheduler import Assignment, Scheduler, Ticket
 
 if TYPE_CHECKING:  # torch-heavy modules: imported where a work runs, not by `import engine`
     from engine.runner import DeviceRunner
-    from engine.tasks.generation import DecodeBatch, GenerationRequest, Outcome
+    from engine.tasks.generation import DecodeBatch, GenerationRequest, Outcome, TokenCallback
     from engine.tasks.static_decode import StaticDecoder, StaticRun
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class QueuedJob:
     spec: ModelSpec | None = None
     ticket: Ticket | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_token: TokenCallback | None = None
 
 
 @dataclass
@@ -183,6 +184,22 @@ class Work:
             seat.item.job, loaded, output, metrics, batch_size=max(1, share.peak_batch),
             decode=decode, cpu_fallback_reason=self.ctx.cpu_fallback_reason))
 
+    def _stopped(self, seat: Seat, err: EngineError) -> None:
+        """Answer a seated job that ended without output (cancelled, past its time limit,
+        failed) with the device time it held up to then: metrics, but no output or hash."""
+        self._seats.pop(seat.item, None)
+        share = self.runner.ledger.close(seat.item)
+        own = seat.clock.stop()
+        loaded = self.loaded
+        metrics = job_metrics(own, share, load_seconds=seat.load_seconds,
+                              prompt_tokens=seat.prompt_tokens,
+                              completion_tokens=len(own.token_times),
+                              queue_seconds=seat.queue_seconds,
+                              model_memory_bytes=loaded.memory_bytes if loaded else None,
+                              warmup_seconds=seat.warmup_seconds)
+        self._answer(seat.item, failed_result(seat.item.job, err).model_copy(
+            update={"metrics": metrics}))
+
     def flush(self) -> None:
         """Deliver the answers made since the last flush (the runner calls this after each
         step, and after :meth:`end` for the last one, so a job's result arrives once its
@@ -239,6 +256,7 @@ class GenerationWork(Work):
             with self.runner.ledger.step(self.devices) as record:
                 record.work = {self._by_request[r].item: 1.0 for r in rows}
                 ended = batch.step()
+                self._bill_commitments(record, ended)
             self._finish(ended, "dynamic-cache")
         if len(batch) and batch.mergeable:
             free = self.ctx.batch_size - len(batch)
@@ -276,7 +294,8 @@ class GenerationWork(Work):
                 self._answer(item, failed_result(item.job, exc))
                 continue
             request = GenerationRequest(job=item.job, window=clock, deadline=self._deadline(now),
-                                        cancelled=item.cancelled.is_set, prompt_ids=ids)
+                                        cancelled=item.cancelled.is_set, prompt_ids=ids,
+                                        on_token=item.on_token)
             # Jobs that joined a running batch found the model warm: no load time of theirs.
             self._by_request[request] = self._seat(
                 item, clock, load_seconds=self.load_seconds if first else 0.0,
@@ -288,13 +307,27 @@ class GenerationWork(Work):
         with self.runner.ledger.step(self.devices) as record:
             record.work = {self._by_request[r].item: float(len(r.prompt_ids)) for r in joining}
             ended = batch.add(joining)
+            self._bill_commitments(record, ended)
         self._finish(ended, "dynamic-cache")
+
+    def _bill_commitments(self, record: StepRecord,
+                          ended: list[tuple[GenerationRequest, Outcome]]) -> None:
+        """Add each ended job's commitment pass (run inside this step) to its token work."""
+        from engine.tasks.generation import commitment_work
+
+        extra: dict[QueuedJob, float] = {}
+        for request, outcome in ended:
+            seat = self._by_request.get(request)
+            if seat is not None:
+                extra[seat.item] = commitment_work(request, outcome)
+        if any(extra.values()):
+            record.work = {key: work + extra.get(key, 0.0) for key, work in record.work.items()}
 
     def _finish(self, ended: list[tuple[GenerationRequest, Outcome]], decode: str) -> None:
         for request, outcome in ended:
             seat = self._by_request.pop(request)
             if isinstance(outcome, Exception):
-                self._answer(seat.item, failed_result(seat.item.job, classify(outcome)))
+                self._stopped(seat, classify(outcome))
             else:
                 self._complete(seat, outcome, decode)
 
@@ -325,7 +358,8 @@ class GenerationWork(Work):
         clock = self.ctx.meter.clock().start()
         request = GenerationRequest(job=item.job, window=clock,
                                     deadline=self._deadline(time.monotonic()),
-                                    cancelled=item.cancelled.is_set, prompt_ids=ids)
+                                    cancelled=item.cancelled.is_set, prompt_ids=ids,
+                                    on_token=item.on_token)
         self._by_request[request] = self._seat(
             item, clock, load_seconds=self.load_seconds + warmup, queued_until=self.started,
             prompt_tokens=len(ids), warmup_seconds=warmup or None, request=request)
@@ -336,12 +370,16 @@ class GenerationWork(Work):
         run = self._static
         assert run is not None and self._decoder is not None
         seat = self._by_request[run.request]
+        ended: list[tuple[GenerationRequest, Outcome]] = []
         with self.runner.ledger.step(self.devices) as record:
             record.work = {seat.item: float(run.pending_work)}
             run.advance()
+            if run.done:  # the commitment pass runs in the job's last step, billed to it
+                ended = [(run.request, run.outcome())]
+                self._bill_commitments(record, ended)
         if not run.done:
             return False
-        self._finish([(run.request, run.outcome())], self._decoder.label)
+        self._finish(ended, self._decoder.label)
         return True
 
 

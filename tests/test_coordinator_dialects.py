@@ -104,6 +104,15 @@ def _aitbc() -> AitbcCoordinator:
                             Identity(miner_id="m1", api_key="k"))
 
 
+def test_the_result_body_carries_the_commitment_the_hash_covers() -> None:
+    result = _result()
+    assert result.output is not None
+    output = result.output.model_copy(update={"commitment": "c1.8.8.AAAA"})
+    body = _aitbc().result_body(result.model_copy(update={"output": output}))
+    assert body["result"]["output"]["commitment"] == "c1.8.8.AAAA"
+    assert "logprobs" not in body["result"]["output"]  # unset fields are not sent
+
+
 def test_aitbc_result_body_on_cpu() -> None:
     body = _aitbc().result_body(_result())
     res, m = body["result"], body["metrics"]

@@ -13,10 +13,11 @@ from engine.jobs import EmbeddingOutput, GenerationOutput, Job
 from engine.payloads import parse_payload
 
 DIGEST = "sha256:b9cb325a32144cc4ab662c5fe959ae7e6ea1fdfb53fa6dee938f1ac2df790af8"
-VECTOR_HASH = "sha256:714791f74e09109a7e8524782dbe0b908c3a93ceaa083d9b1292e733115de54a"
+VECTOR_HASH = "sha256:ae9d88147caee4648b90da88c207691cd62828371046ad77586e42019bf45429"
+COMMITMENT = "c1.8.8.EQAZAMcArQCDAUIBZABzAZjBYkFTQTpBwEC1QJnAmEA="
 PARIS = GenerationOutput(text=" Paris.\n\nThe answer is:",
                          token_ids=[7042, 30, 198, 198, 504, 2988, 314, 42],
-                         finish_reason="length")
+                         finish_reason="length", commitment=COMMITMENT)
 
 
 def _canon(value: object) -> bytes:
@@ -27,15 +28,15 @@ def _canon(value: object) -> bytes:
 def test_readme_vector_recomputes_with_hashlib_and_json_alone() -> None:
     """The README's recipe, written out without the engine."""
     doc = {
-        "encoding": "aitbc-result/1",
+        "encoding": "aitbc-result/2",
         "model": "smollm2-135m",
         "weights_digest": DIGEST,
         "task": "text-generation",
         "input_sha256": hashlib.sha256(_canon({"prompt": "The capital of France is"})).hexdigest(),
         "params": {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                    "repetition_penalty": 1.0, "seed": None, "stop": []},
-        "output": {"finish_reason": PARIS.finish_reason, "text": PARIS.text,
-                   "token_ids": PARIS.token_ids},
+        "output": {"commitment": COMMITMENT, "finish_reason": PARIS.finish_reason,
+                   "text": PARIS.text, "token_ids": PARIS.token_ids},
     }
     by_hand = "sha256:" + hashlib.sha256(_canon(doc)).hexdigest()
     assert by_hand == VECTOR_HASH
@@ -52,7 +53,7 @@ def test_embedding_hash_covers_float32_little_endian_bytes() -> None:
     vec = [[0.5, -0.25, 1.0 / 3.0]]
     out = EmbeddingOutput(embeddings=vec, dimensions=3)
     raw = struct.pack("<3f", *vec[0])
-    doc = {"encoding": "aitbc-result/1", "model": "m", "weights_digest": DIGEST,
+    doc = {"encoding": "aitbc-result/2", "model": "m", "weights_digest": DIGEST,
            "task": "embedding",
            "input_sha256": hashlib.sha256(_canon({"input": ["a"]})).hexdigest(),
            "params": {}, "output": {"count": 1, "dimensions": 3,
@@ -104,3 +105,15 @@ def test_sampled_jobs_without_seed_get_a_derived_one() -> None:
     assert effective_seed(a) == effective_seed(b) is not None
     assert effective_seed(_job("q", temperature=0.9)) != effective_seed(a)
     assert effective_seed(_job("p")) is None
+
+
+def test_the_commitment_is_covered_by_the_hash() -> None:
+    """Changing, dropping or adding an activation commitment changes the result hash."""
+    job = _job("p")
+    base = result_hash(job, PARIS, DIGEST)
+    altered = COMMITMENT.replace("EQAZ", "EQAa")
+    assert result_hash(job, PARIS.model_copy(update={"commitment": altered}), DIGEST) != base
+    assert result_hash(job, PARIS.model_copy(update={"commitment": None}), DIGEST) != base
+    bare = GenerationOutput(text="t", token_ids=[1], finish_reason="length")
+    assert result_hash(job, bare, DIGEST) != result_hash(
+        job, bare.model_copy(update={"commitment": "c1.8.8."}), DIGEST)

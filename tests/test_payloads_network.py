@@ -292,7 +292,7 @@ def test_chat_jobs_hash_their_system_prompt_and_messages_by_hand() -> None:
     doc = {"messages": [{"content": USER["content"], "role": "user"}], "system": "Be brief."}
     assert input_document(job) == doc
     canonical = canonical_document(job, OUT, DIGEST)
-    assert canonical["encoding"] == "aitbc-result/1"
+    assert canonical["encoding"] == "aitbc-result/2"
     assert canonical["input_sha256"] == hashlib.sha256(_canon(doc)).hexdigest()
     assert result_hash(job, OUT, DIGEST) == "sha256:" + hashlib.sha256(
         _canon(canonical)).hexdigest()

@@ -23,7 +23,7 @@ def test_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_hash_test_vector_block_runs() -> None:
-    block = next(b for b in _python_blocks() if "aitbc-result/1" in b)
+    block = next(b for b in _python_blocks() if "aitbc-result/2" in b)
     exec(compile(block, "README.md", "exec"), {})
 
 

@@ -202,13 +202,22 @@ def test_margin_accepts_near_ties_only(engine: Engine, verifier: Verifier, tiny:
     toks = [runner, *res.output.token_ids[1:]]
     forged = claim(job, res, toks, tiny)
     wide = Verifier(registry_path, pool=verifier.pool,
-                    tolerances=Tolerances(margin_sigma=gap_sigma * 1.01))
+                    tolerances=Tolerances(margin_sigma=gap_sigma * 1.01,
+                                          flip_rate={"float32": 1.0}))
     narrow = Verifier(registry_path, pool=verifier.pool,
-                      tolerances=Tolerances(margin_sigma=gap_sigma * 0.99))
+                      tolerances=Tolerances(margin_sigma=gap_sigma * 0.99,
+                                            flip_rate={"float32": 1.0}))
     # Position 0 passes under a margin just above its gap and fails just below it (the later
     # tokens followed the true first token, so they may fail either way).
     assert narrow.verify(job, forged).first_suspicious_token == 0
     assert wide.verify(job, forged).first_suspicious_token != 0
+    # A float32 claim may not depart from the argmax at all (no float32 profile does), even
+    # within the margin: the departure cap refuses it.
+    strict = Verifier(registry_path, pool=verifier.pool,
+                      tolerances=Tolerances(margin_sigma=gap_sigma * 1.01))
+    verdict = strict.verify(job, forged)
+    assert not verdict.accepted and verdict.first_suspicious_token == 0
+    assert any("not the argmax" in r and "sampled or steered" in r for r in verdict.reasons)
 
 
 def test_sampled_result_replay_and_sets(engine: Engine, verifier: Verifier, tiny: LoadedModel,
@@ -223,18 +232,14 @@ def test_sampled_result_replay_and_sets(engine: Engine, verifier: Verifier, tiny
     forged = claim(job, res, toks, tiny)
     verdict = verifier.verify(job, forged)
     assert not verdict.accepted and verdict.first_suspicious_token == 3
-    assert "seeded sampler" in verdict.reasons[0]
-    # Without the replay an almost flat distribution lets any token in: the documented limit.
-    no_replay = Verifier(registry_path, pool=verifier.pool,
-                         tolerances=Tolerances(seeded_replay=False))
-    assert no_replay.verify(job, forged).accepted
-    # A top-k of 1 leaves only the argmax in the set.
+    assert "seeded draw" in verdict.reasons[0]
+    # A top-k of 1 leaves only the argmax in the set: rejected before the replay.
     job1, res1 = run(engine, "hello network", max_tokens=6, temperature=0.8, top_k=1)
-    assert no_replay.verify(job1, res1).accepted
+    assert verifier.verify(job1, res1).accepted
     assert isinstance(res1.output, GenerationOutput)
     toks = list(res1.output.token_ids)
     toks[1] = other_token(toks[1], len(tiny.tokenizer))
-    verdict = no_replay.verify(job1, claim(job1, res1, toks, tiny))
+    verdict = verifier.verify(job1, claim(job1, res1, toks, tiny))
     assert not verdict.accepted and "outside the job's top-k/top-p set" in verdict.reasons[0]
     assert verdict.first_suspicious_token == 1
 
@@ -319,7 +324,9 @@ def test_check_stop_rule_directly(tiny: LoadedModel) -> None:
 def test_random_weight_profiles(registry_path: Path, verifier: Verifier, tiny: LoadedModel
                                 ) -> None:
     with Engine(registry_path, devices=["cpu"], weights="random", pool=verifier.pool) as eng:
-        job, res = run(eng, max_tokens=6)
+        job = Job(model=TINY, prompt="Hello GPU", params=GenerationParams(max_tokens=6),
+                  weights="random")
+        res = eng.run(job)
     assert res.profile is not None and res.profile.weights == "random"
     assert verifier.verify(job, res, mode="integrity").accepted
     assert verifier.verify(job, res).accepted
@@ -332,6 +339,7 @@ def test_random_weight_profiles(registry_path: Path, verifier: Verifier, tiny: L
     toks = [t % len(tiny.tokenizer) for t in res.output.token_ids]
     out = GenerationOutput(text=tiny.tokenizer.decode(toks, skip_special_tokens=True),
                            token_ids=toks, finish_reason="length")
+    job = job.model_copy(update={"weights": "pretrained"})
     forged = res.model_copy(update={
         "output": out, "result_hash": result_hash(job, out, pretrained),
         "profile": res.profile.model_copy(update={"weights": "pretrained",

@@ -129,6 +129,7 @@ class RunRecord(StrictModel):
     inter_token_seconds: list[float]
     gpu_seconds: float
     queue_seconds: float | None = None
+    commitment_seconds: float | None = None  # the activation commitment pass, in execution
     energy_joules: float | None = None
     peak_memory_bytes: int | None = None
     batched: bool = False
@@ -208,7 +209,7 @@ class Checks(StrictModel):
     """Internal consistency of the report (relative deviations; small is good)."""
 
     max_throughput_deviation: float  # |throughput * latency / tokens - 1| over points
-    max_timeline_deviation: float  # |(ttft + (n-1) * tpot) / execution - 1| over runs
+    max_timeline_deviation: float  # |(ttft + (n-1) * tpot + commitment) / execution - 1|
 
 
 class Report(StrictModel):

@@ -178,7 +178,8 @@ def _record(result: JobResult, latency: float, window: MeterWindow | None) -> Ru
                      execution_seconds=m.execution_time_seconds, ttft_seconds=m.ttft_seconds,
                      tpot_seconds=m.tpot_seconds, inter_token_seconds=itl,
                      gpu_seconds=m.gpu_time_seconds, queue_seconds=m.queue_seconds,
-                     energy_joules=m.energy_joules, peak_memory_bytes=m.peak_memory_bytes,
+                     commitment_seconds=m.commitment_seconds, energy_joules=m.energy_joules,
+                     peak_memory_bytes=m.peak_memory_bytes,
                      batched=bool(profile and profile.batched),
                      batch_size=profile.batch_size if profile else 1, measurement=m.measurement)
 
@@ -413,7 +414,8 @@ def _checks(single: list[SinglePoint], offline: list[OfflinePoint]) -> Checks:
         all_runs += [j for b in op.batches for j in b.jobs]
     for r in all_runs:
         if r.ttft_seconds is not None and r.tpot_seconds is not None and r.completion_tokens > 1:
-            line = r.ttft_seconds + (r.completion_tokens - 1) * r.tpot_seconds
+            line = (r.ttft_seconds + (r.completion_tokens - 1) * r.tpot_seconds
+                    + (r.commitment_seconds or 0.0))
             timeline = max(timeline, abs(line / r.execution_seconds - 1))
     return Checks(max_throughput_deviation=throughput, max_timeline_deviation=timeline)
 

@@ -260,7 +260,8 @@ class AitbcCoordinator(Coordinator):
         """``{"result": {output, result_hash, execution_time, ...}, "metrics": {units, ...}}``."""
         m = result.metrics
         res: dict[str, Any] = {
-            "output": result.output.model_dump(mode="json") if result.output else None,
+            "output": result.output.model_dump(mode="json", exclude_none=True) if result.output
+            else None,
             "result_hash": result.result_hash,
             "execution_time": m.execution_time_seconds if m else 0.0,
             "model": result.model, "task": result.task,

@@ -17,19 +17,21 @@ from engine.jobqueue import DEFAULT_HISTORY, DEFAULT_MAX_QUEUE
 from engine.payloads import payload_json_schema
 from engine.server.errors import install_error_handlers
 from engine.server.middleware import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
-from engine.server.routes import estimate, jobs, meta, metrics, models
+from engine.server.routes import estimate, jobs, meta, metrics, models, ollama, openai
 from engine.server.service import ApiService
 from engine.state import default_state_dir, load_or_create_token, valid_token
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (meta.router, models.router, jobs.router, estimate.router, metrics.router)
+ROUTERS = (meta.router, models.router, jobs.router, estimate.router, metrics.router,
+           openai.router, ollama.router)
 
 
 def create_app(engine: Engine, *, token: str | None = None, state_dir: Path | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
                history: int = DEFAULT_HISTORY, preload: Sequence[str] = (),
-               profile: Path | None = None, close_engine: bool = False) -> FastAPI:
+               profile: Path | None = None, close_engine: bool = False,
+               ollama_compat: bool = False) -> FastAPI:
     """The API over ``engine``.
 
     ``token``: the bearer token every route but ``/health`` requires; None reads
@@ -40,7 +42,8 @@ def create_app(engine: Engine, *, token: str | None = None, state_dir: Path | No
     ``preload`` models are warmed after start-up. ``profile`` is a benchmark
     report used by ``POST /v1/estimate``. ``close_engine``: on shutdown, close the
     engine (queued jobs cancelled, running ones finished) before the app stops;
-    :func:`~engine.server.serve` sets it.
+    :func:`~engine.server.serve` sets it. ``ollama_compat``: the Ollama routes answer
+    clients on this machine without the token (Ollama clients send none).
     """
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be at least 1")
@@ -64,6 +67,7 @@ def create_app(engine: Engine, *, token: str | None = None, state_dir: Path | No
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.token = token
+    app.state.ollama_open = ollama_compat
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     for router in ROUTERS:

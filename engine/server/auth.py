@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import Annotated
 
@@ -27,3 +28,29 @@ def require_token(
 
 Authorized = [Depends(require_token)]
 """The ``dependencies`` of a router whose routes need the token."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token_unless_ollama_open(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """The Ollama routes: open to clients on this machine when the app serves them without
+    a token (``serve --ollama-compat``, loopback only); the token otherwise."""
+    client = request.client
+    if getattr(request.app.state, "ollama_open", False) and client is not None and \
+            is_loopback(client.host):
+        return
+    require_token(request, credentials)
+
+
+OllamaAccess = [Depends(require_token_unless_ollama_open)]
+"""The ``dependencies`` of the Ollama router."""

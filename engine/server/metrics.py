@@ -83,13 +83,16 @@ class ApiMetrics:
                   else result.status)
         self.jobs.labels(result.model, status).inc()
         m = result.metrics
-        if not result.ok or m is None:
+        if m is None:
+            return
+        # A job that stopped early (cancelled, timed out) held its device time all the same.
+        self.gpu_seconds.labels(result.model).inc(m.gpu_time_seconds)
+        if m.energy_joules is not None:
+            self.energy.labels(result.model).inc(m.energy_joules)
+        if not result.ok:
             return
         self.duration.labels(result.model).observe(m.execution_time_seconds)
         if m.queue_seconds is not None:
             self.queue_wait.labels(result.model).observe(max(0.0, m.queue_seconds))
-        self.gpu_seconds.labels(result.model).inc(m.gpu_time_seconds)
-        if m.energy_joules is not None:
-            self.energy.labels(result.model).inc(m.energy_joules)
         self.tokens.labels(result.model, "prompt").inc(m.prompt_tokens)
         self.tokens.labels(result.model, "completion").inc(m.completion_tokens)

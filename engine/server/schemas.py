@@ -75,12 +75,23 @@ class CancelView(BaseModel):
     state: Literal["cancelled", "cancelling"]
 
 
+class OpenAIModel(BaseModel):
+    """A model as OpenAI's ``GET /v1/models`` lists it (aliases included)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "aitbc-engine"
+
+
 class ModelList(BaseModel):
-    """``GET /v1/models``."""
+    """``GET /v1/models``: the engine's view, and OpenAI's ``object`` and ``data``."""
 
     registry: str | None
     weights: str
     models: list[ModelView]
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(default_factory=list)
 
 
 class LoadView(BaseModel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import math
 import threading
@@ -19,22 +18,13 @@ from engine.executor import Engine
 from engine.jobqueue import DEFAULT_HISTORY, DEFAULT_MAX_QUEUE
 from engine.logsafe import uvicorn_log_config
 from engine.server.app import create_app
+from engine.server.auth import is_loopback
 from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-
-
-def is_loopback(host: str) -> bool:
-    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -52,19 +42,23 @@ class ServeOptions:
     profile: Path | None = None
     log_level: str = "info"
     shutdown_timeout: float | None = None
+    ollama_compat: bool = False  # the Ollama routes without a token, loopback only
 
 
 def build_server(engine: Engine, options: ServeOptions) -> Any:
     """A ``uvicorn.Server`` for the app over ``engine`` (not started)."""
     import uvicorn
 
+    if options.ollama_compat and not is_loopback(options.host):
+        raise ValueError(f"--ollama-compat serves the Ollama routes without a token, so it "
+                         f"needs a loopback --host, not {options.host!r}")
     if not is_loopback(options.host):
         log.warning("binding to %s: the API is reachable from other machines; anyone with the "
                     "token can run jobs here", options.host)
     app = create_app(engine, token=options.token, state_dir=options.state_dir,
                      max_body_bytes=options.max_body_bytes, max_queue=options.max_queue,
                      history=options.history, preload=options.preload, profile=options.profile,
-                     close_engine=True)
+                     close_engine=True, ollama_compat=options.ollama_compat)
     timeout = None if options.shutdown_timeout is None else math.ceil(options.shutdown_timeout)
     # uvicorn's loggers write through the safe formatter: a request line cannot forge log
     # lines, and a token sent in a query string is redacted from the access log (-v).

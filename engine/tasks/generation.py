@@ -18,6 +18,7 @@ else in the plain layout of :func:`plain_chat_text`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,14 +26,91 @@ from typing import Any, Literal
 
 import torch
 
+from engine.commitment import compute_commitment
 from engine.errors import ContextLengthError, InvalidJobError, JobCancelledError, JobTimeoutError
 from engine.hashing import effective_seed
-from engine.jobs import GenerationOutput, GenerationParams, Job
+from engine.jobs import GenerationOutput, GenerationParams, Job, TokenLogprob, TopLogprob
 from engine.loading import LoadedModel
 from engine.metering import MeterWindow
 from engine.sampling import Sampler
 
 NO_DEADLINE = float("inf")
+LOGPROB_FLOOR = -9999.0
+"""The log-probability reported for a token the model gives no probability at all."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedToken:
+    """One generated token as it is decoded: its id, the text it makes final and, when the job
+    asked for them, its log-probabilities.
+
+    ``text`` may be empty: an incomplete character waits for the next token, and as many
+    characters as a stop string could still claim are held back; the text that finishes a
+    row comes with its last token, so the pieces add up to the output's ``text``.
+    """
+
+    token_id: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+TokenCallback = Callable[[StreamedToken], None]
+"""Called on the device's decode thread after each token of a job: keep it short."""
+
+
+class TextStream:
+    """A row's text as it becomes final, piece by piece (for :class:`StreamedToken`).
+
+    Each token decodes only the tokens since the last piece, together with the
+    ones before them (a tokenizer may drop a word's leading space at the start of
+    a sequence), and waits while the text ends in an incomplete character.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._prefix = 0  # first token of the context decoded with the new ones
+        self._read = 0  # first token not yet turned into text
+        self._text = ""
+        self._sent = 0
+
+    def push(self, row: Row, tokenizer: Any) -> str:
+        """The text the row's latest token makes final."""
+        if row.finish is not None:
+            final = row.text if row.finish == "stop" else tokenizer.decode(
+                row.generated, skip_special_tokens=True)
+            sent = self._text[:self._sent]
+            self._text, self._sent = final, len(final)
+            return final[len(sent):] if final.startswith(sent) else ""
+        ids = row.generated
+        before = tokenizer.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._text += after[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+        ready = len(self._text) - self._hold
+        if ready <= self._sent:
+            return ""
+        piece, self._sent = self._text[self._sent:ready], ready
+        return piece
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int, tokenizer: Any) -> TokenLogprob:
+    """``token``'s log-probability under the softmax of ``logits`` (one row, as the model gave
+    it) and the ``top`` most likely tokens of that row."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = [token]
+    values = [float(lp[token])]
+    if top > 0:
+        best = torch.topk(lp, min(top, lp.numel()))
+        ids += best.indices.tolist()
+        values += best.values.tolist()
+    texts = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    floor = [max(v, LOGPROB_FLOOR) for v in values]
+    return TokenLogprob(token_id=token, token=texts[0], logprob=floor[0],
+                        top=[TopLogprob(token_id=i, token=t, logprob=v)
+                             for i, t, v in zip(ids[1:], texts[1:], floor[1:], strict=True)])
 
 
 @dataclass(eq=False)
@@ -44,6 +122,7 @@ class GenerationRequest:
     deadline: float = NO_DEADLINE  # time.monotonic() value
     cancelled: Callable[[], bool] = lambda: False
     prompt_ids: list[int] = field(default_factory=list)
+    on_token: TokenCallback | None = None  # called on the decode thread after each token
 
 
 @dataclass
@@ -57,6 +136,8 @@ class Row:
     finish: Literal["eos", "stop", "length"] | None = None
     text: str = ""
     error: Exception | None = None
+    logprobs: list[TokenLogprob] | None = None
+    stream: TextStream | None = None
 
     @classmethod
     def start(cls, loaded: LoadedModel, request: GenerationRequest) -> Row:
@@ -64,25 +145,65 @@ class Row:
         job = request.job
         sampler = Sampler(job.params, effective_seed(job), request.prompt_ids,
                           where=where(loaded))
-        return cls(request, job.params, sampler)
+        return cls(request, job.params, sampler,
+                   logprobs=[] if job.params.logprobs is not None else None,
+                   stream=TextStream(job.params.stop) if request.on_token else None)
+
+    def choose(self, logits: torch.Tensor, tokenizer: Any) -> int:
+        """The next token from a 1-D logits row (the one rule, :mod:`engine.sampling`), and
+        its log-probabilities from the same row when the job asked for them."""
+        token = self.sampler.choose(logits)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.params.logprobs or 0,
+                                               tokenizer))
+        return token
 
     def take(self, token: int, tokenizer: Any, eos: set[int]) -> None:
-        """Append a chosen token: stamp the job's clock and apply the stop rule."""
+        """Append a chosen token: stamp the job's clock, apply the stop rule and hand the
+        token (with the text it makes final) to the job's ``on_token``."""
         self.generated.append(token)
         if self.request.window is not None:
             self.request.window.token()
         check_stop(self, tokenizer, eos)
+        if self.stream is not None and self.request.on_token is not None:
+            piece = self.stream.push(self, tokenizer)
+            logprob = self.logprobs[-1] if self.logprobs else None
+            try:
+                self.request.on_token(StreamedToken(token, piece, logprob))
+            except Exception:  # the listener's failure is not the job's: it hears no more
+                log.exception("the token listener of job %s failed", self.request.job.job_id)
+                self.stream = None
 
-    def outcome(self, tokenizer: Any) -> Outcome:
-        """The row's output (or the error that ended it); stops the job's clock."""
+    def outcome(self, loaded: LoadedModel) -> Outcome:
+        """The row's output with its activation commitment (or the error that ended it);
+        stops the job's clock after the commitment, so the job is metered for it."""
+        output: Outcome
+        if self.error is not None:
+            output = self.error
+        else:
+            text = self.text if self.finish == "stop" else loaded.tokenizer.decode(
+                self.generated, skip_special_tokens=True)
+            if self.request.window is not None:
+                self.request.window.finalizing()
+            try:
+                commitment = compute_commitment(loaded, self.request.prompt_ids, self.generated)
+            except Exception as exc:  # the job fails (typed by the work), its batch mates go on
+                output = exc
+            else:
+                output = GenerationOutput(text=text, token_ids=self.generated,
+                                          finish_reason=self.finish or "length",
+                                          commitment=commitment, logprobs=self.logprobs)
         if self.request.window is not None:
             self.request.window.stop()
-        if self.error is not None:
-            return self.error
-        text = self.text if self.finish == "stop" else tokenizer.decode(
-            self.generated, skip_special_tokens=True)
-        return GenerationOutput(text=text, token_ids=self.generated,
-                                finish_reason=self.finish or "length")
+        return output
+
+
+def commitment_work(request: GenerationRequest, outcome: Outcome) -> float:
+    """Tokens of work of an ended job's commitment pass: its prompt and generated tokens
+    less one (0 for a job that failed), for the ledger's share of the step it ended in."""
+    if not isinstance(outcome, GenerationOutput) or not outcome.token_ids:
+        return 0.0
+    return float(len(request.prompt_ids) + len(outcome.token_ids) - 1)
 
 
 def where(loaded: LoadedModel) -> str:
@@ -282,7 +403,7 @@ class DecodeBatch:
         """
         rows = [Row.start(self.loaded, r) for r in requests]
         check_alive(rows)
-        ended = [(row.request, row.outcome(self.loaded.tokenizer)) for row in rows
+        ended = [(row.request, row.outcome(self.loaded)) for row in rows
                  if row.error is not None]
         rows = [row for row in rows if row.error is None]
         if not rows:
@@ -333,7 +454,7 @@ class DecodeBatch:
     # ------------------------------------------------------------ internals
     def _choose(self, rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
         tokenizer = self.loaded.tokenizer
-        chosen = [row.sampler.choose(logits[j]) for j, row in enumerate(rows)]
+        chosen = [row.choose(logits[j], tokenizer) for j, row in enumerate(rows)]
         for row, token in zip(rows, chosen, strict=True):
             row.take(token, tokenizer, self._eos)
         check_alive(rows)
@@ -364,8 +485,7 @@ class DecodeBatch:
         done = [j for j, row in enumerate(self.rows) if row.finish or row.error]
         if not done:
             return []
-        tokenizer = self.loaded.tokenizer
-        ended = [(self.rows[j].request, self.rows[j].outcome(tokenizer)) for j in done]
+        ended = [(self.rows[j].request, self.rows[j].outcome(self.loaded)) for j in done]
         keep = [j for j in range(len(self.rows)) if j not in set(done)]
         self.rows = [self.rows[j] for j in keep]
         self._pending = [self._pending[j] for j in keep]

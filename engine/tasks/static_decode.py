@@ -274,11 +274,11 @@ class StaticRun:
             logits = self.decoder.step(self._last, self._position)
             self._position += 1
             work = 1
-        self._last = self.row.sampler.choose(logits)
+        self._last = self.row.choose(logits, self._tokenizer)
         self.row.take(self._last, self._tokenizer, self._eos)
         check_alive([self.row])
         return work
 
     def outcome(self) -> Outcome:
-        """The job's output or the error that ended it."""
-        return self.row.outcome(self._tokenizer)
+        """The job's output (with its commitment, computed here) or the error that ended it."""
+        return self.row.outcome(self.decoder.loaded)

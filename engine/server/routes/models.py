@@ -1,4 +1,5 @@
-"""``GET /v1/models``, ``POST /v1/models/{name}/load``, ``DELETE /v1/models/{name}``."""
+"""``GET /v1/models`` (also OpenAI's list: ``object``, ``data``), ``POST
+/v1/models/{name}/load``, ``DELETE /v1/models/{name}``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from engine.errors import EngineError
 from engine.inventory import model_views
 from engine.server.auth import Authorized
 from engine.server.middleware import SafeJsonRoute
-from engine.server.schemas import EvictView, LoadView, ModelList, error_responses
+from engine.server.schemas import EvictView, LoadView, ModelList, OpenAIModel, error_responses
 from engine.server.service import Service
 
 router = APIRouter(route_class=SafeJsonRoute, dependencies=Authorized, tags=["models"])
@@ -16,11 +17,15 @@ router = APIRouter(route_class=SafeJsonRoute, dependencies=Authorized, tags=["mo
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses())
 def list_models(service: Service) -> ModelList:
-    """The registry: each model's availability here and whether it is warm."""
+    """The registry: each model's availability here and whether it is warm; ``data`` lists
+    the runnable models and their aliases as OpenAI's ``GET /v1/models`` does."""
     engine = service.engine
     path = engine.registry.path
+    views = model_views(engine.registry, engine.pool, weights=engine.weights)
+    names = [v.name for v in views if v.runnable]
+    names += [alias for alias, name in engine.registry.aliases().items() if name in names]
     return ModelList(registry=str(path) if path else None, weights=engine.weights,
-                     models=model_views(engine.registry, engine.pool, weights=engine.weights))
+                     models=views, data=[OpenAIModel(id=name) for name in names])
 
 
 @router.post("/v1/models/{name}/load", response_model=LoadView,
