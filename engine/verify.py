@@ -718,7 +718,7 @@ class Verifier:
         The replay always runs: the draws depend only on the job's effective seed
         and the step, so no profile field (torch version, device) or caller can
         turn it off. A cheap early reject first: the token must lie in the job's
-        top-k/top-p set widened by the margin.
+        top-k/top-p set widened by the greedy margin (how far a logit can move).
         """
         import torch
 
@@ -735,15 +735,17 @@ class Verifier:
             return
         generator = seeded_generator(seed)
         vocab = logits.shape[-1]
-        margins = torch.clamp(logits.std(dim=-1) * tol.replay_margin_sigma,
-                              min=tol.margin_floor)
+        std = logits.std(dim=-1)
+        margins = torch.clamp(std * tol.replay_margin_sigma, min=tol.margin_floor)
+        # The set's edge moves with each token's logit, as far as a greedy flip can reach.
+        set_margins = torch.clamp(std * tol.margin_sigma, min=tol.margin_floor)
         worst, min_prob = 0.0, 1.0
         for i, tok in enumerate(tokens):
             z = logits[i] / p.temperature
             m = float(margins[i]) / p.temperature
             # Every step draws V words, as the engine does, whatever the set kept.
             q = exponential_draws(generator, vocab)
-            sure, possible = sampling_sets(z, p, m)
+            sure, possible = sampling_sets(z, p, float(set_margins[i]) / p.temperature)
             if not bool(possible[tok]):
                 check.fail(f"token {i} (id {tok}) lies outside the job's top-k/top-p set "
                            f"(top_k {p.top_k}, top_p {p.top_p}, temperature {p.temperature})", i)

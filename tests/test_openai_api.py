@@ -144,6 +144,8 @@ def test_streamed_chat_adds_up_to_the_whole_answer(client: openai.OpenAI) -> Non
     ext = finals[0].model_extra["aitbc"]  # type: ignore[index]
     assert ext["result_hash"] == whole.model_extra["aitbc"]["result_hash"]  # type: ignore[index]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    # Every earlier chunk says "usage": null, as OpenAI's stream does with include_usage.
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
 
 
 def test_aliases_and_openai_model_list(client: openai.OpenAI) -> None:

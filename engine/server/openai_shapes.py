@@ -357,9 +357,12 @@ async def stream_events(shape: Shape, stream: JobStream, include_usage: bool
     metrics), the usage chunk when asked for, then ``[DONE]``; an error event if the job
     failed while running."""
     first, offset = True, 0
+    # With include_usage every chunk but the last carries "usage": null (OpenAI's form).
+    no_usage: dict[str, Any] = {"usage": None} if include_usage else {}
     async for token in stream.tokens():
         if token.text or token.logprob is not None:
-            yield shape.chunk(token.text, logprob=token.logprob, first=first, offset=offset)
+            yield shape.chunk(token.text, logprob=token.logprob, first=first, offset=offset,
+                              extra=no_usage)
             first, offset = False, offset + len(token.text)
     result = await stream.result()
     if not result.ok:
@@ -370,7 +373,7 @@ async def stream_events(shape: Shape, stream: JobStream, include_usage: bool
     assert isinstance(out, GenerationOutput)
     ext = extension(result)
     yield shape.chunk(None if shape.kind == "chat" else "", finish=FINISH[out.finish_reason],
-                      first=first, extra={"aitbc": ext})
+                      first=first, extra={**no_usage, "aitbc": ext})
     if include_usage:
         yield shape.usage_chunk(result, ext)
     yield DONE
