@@ -123,6 +123,17 @@ def test_logprobs_tags_version(client: ollama.Client, served: tuple[str, ApiServ
     assert httpx.get(served[0] + "/").text == "Ollama is running"
 
 
+def test_show_and_running_models_through_the_client(client: ollama.Client) -> None:
+    client.generate(model="tiny:2l", prompt="Hello", raw=True, options=GREEDY, stream=False)
+    shown = client.show("tiny:2l")
+    assert shown.details is not None and shown.details.family == "gpt2"
+    assert shown.capabilities == ["completion"]
+    assert "tiny-gpt2" in {m.model for m in client.ps().models}  # warm after the job
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.show("no-such-model")
+    assert unknown.value.status_code == 404
+
+
 def test_errors_in_ollamas_shape(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as unknown:
         client.generate(model="no-such-model", prompt="x", stream=False)

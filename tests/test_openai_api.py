@@ -148,6 +148,15 @@ def test_streamed_chat_adds_up_to_the_whole_answer(client: openai.OpenAI) -> Non
     assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
 
 
+def test_a_model_is_retrieved_by_name_or_alias_and_an_unknown_one_is_404(
+        client: openai.OpenAI) -> None:
+    assert client.models.retrieve("tiny-gpt2").id == "tiny-gpt2"
+    assert client.models.retrieve("tiny:latest-2l").owned_by == "aitbc-engine"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.status_code == 404 and "no-such-model" in str(info.value)
+
+
 def test_aliases_and_openai_model_list(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
     assert {"tiny-gpt2", "tiny:latest-2l"} <= ids

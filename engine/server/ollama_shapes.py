@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from engine.jobs import (
     MAX_EMBEDDING_INPUTS,
@@ -166,6 +166,15 @@ class ChatRequest(OllamaRequest):
                                   param=f"messages[{i}]")
         return self._job(registry, {"messages": [{"role": m.role, "content": m.content}
                                                  for m in self.messages]})
+
+
+class ShowRequest(BaseModel):
+    """``POST /api/show``: the model (``name`` is the older spelling)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256,
+                                validation_alias=AliasChoices("model", "name"))]
 
 
 class EmbedRequest(BaseModel):

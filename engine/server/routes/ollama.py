@@ -1,5 +1,6 @@
 """Ollama-compatible routes: ``POST /api/generate``, ``/api/chat``, ``/api/embed`` (and the
-older ``/api/embeddings``), ``GET /api/tags``, ``GET /api/version``.
+older ``/api/embeddings``), ``GET /api/tags``, ``GET /api/ps``, ``POST /api/show``,
+``GET /api/version``.
 
 Without ``serve --ollama-compat`` they need the token like every route; with it they
 are open to clients on this machine (the server then binds to loopback only), since
@@ -15,6 +16,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from engine.inventory import model_views
+from engine.registry import ModelSpec
 from engine.server.auth import OllamaAccess
 from engine.server.compat import (
     ErrorView,
@@ -22,6 +24,7 @@ from engine.server.compat import (
     JobStreamResponse,
     error_route,
     failure,
+    model_name,
     run_job,
 )
 from engine.server.ollama_shapes import (
@@ -30,6 +33,7 @@ from engine.server.ollama_shapes import (
     EmbedRequest,
     GenerateRequest,
     Reply,
+    ShowRequest,
     embed_answer,
     error_json,
     stream_lines,
@@ -74,17 +78,43 @@ def tags(service: Service) -> dict[str, Any]:
     names = [(name, name) for name in views]
     names += [(alias, name) for alias, name in engine.registry.aliases().items()
               if name in views]
-    models = []
-    for shown, name in names:
-        spec = engine.registry.get(name)
-        models.append({"name": shown, "model": shown, "modified_at": "1970-01-01T00:00:00Z",
-                       "size": views[name].size_bytes or 0, "digest": "",
-                       "details": {"parent_model": "", "format": spec.source.kind,
-                                   "family": spec.architecture,
-                                   "families": [spec.architecture],
-                                   "parameter_size": f"{spec.parameters / 1e6:.1f}M",
-                                   "quantization_level": ""}})
+    models = [{"name": shown, "model": shown, "modified_at": "1970-01-01T00:00:00Z",
+               "size": views[name].size_bytes or 0, "digest": "",
+               "details": _details(engine.registry.get(name))} for shown, name in names]
     return {"models": models}
+
+
+@router.get("/api/ps", responses={401: _ERROR})
+def running(service: Service) -> dict[str, Any]:
+    """The models warm in the engine now (Ollama's running models)."""
+    engine = service.engine
+    models = [{"name": view.name, "model": view.name, "size": view.size_bytes or 0,
+               "digest": "", "details": _details(engine.registry.get(view.name)),
+               "expires_at": "9999-12-31T23:59:59Z",
+               "size_vram": 0 if all(d == "cpu" for d in view.warm_on) else
+               view.size_bytes or 0}
+              for view in model_views(engine.registry, engine.pool, weights=engine.weights)
+              if view.warm]
+    return {"models": models}
+
+
+@router.post("/api/show", responses=_JSON)
+def show(body: ShowRequest, service: Service) -> dict[str, Any]:
+    """One model's details (a registry name or an alias)."""
+    registry = service.engine.registry
+    spec = registry.get(model_name(registry, body.model))
+    return {"modelfile": "", "parameters": "", "template": "", "details": _details(spec),
+            "model_info": {"general.architecture": spec.architecture,
+                           "general.parameter_count": spec.parameters,
+                           "context_length": spec.context_length},
+            "capabilities": ["completion"] if spec.task == "text-generation" else
+            ["embedding"]}
+
+
+def _details(spec: ModelSpec) -> dict[str, Any]:
+    return {"parent_model": "", "format": spec.source.kind, "family": spec.architecture,
+            "families": [spec.architecture],
+            "parameter_size": f"{spec.parameters / 1e6:.1f}M", "quantization_level": ""}
 
 
 @router.post("/api/generate", responses=_ANSWERS)

@@ -1,6 +1,7 @@
-"""OpenAI-compatible routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``.
+"""OpenAI-compatible routes: chat and text completions, embeddings, and one model.
 
-(``GET /v1/models`` answers in OpenAI's shape too: :mod:`engine.server.routes.models`.)
+(``GET /v1/models`` answers in OpenAI's shape too: :mod:`engine.server.routes.models`;
+``GET /v1/models/{model}`` is here.)
 Translation is :mod:`engine.server.openai_shapes`; the job path is the one every face
 shares (:mod:`engine.server.compat`). Errors are OpenAI's ``{"error": {"message", "type",
 "param", "code"}}``.
@@ -8,18 +9,21 @@ shares (:mod:`engine.server.compat`). Errors are OpenAI's ``{"error": {"message"
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse, Response
 
+from engine.inventory import model_views
 from engine.server.auth import Authorized
 from engine.server.compat import (
+    CompatError,
     ErrorView,
     JobStream,
     JobStreamResponse,
     error_route,
     failure,
+    model_name,
     run_job,
 )
 from engine.server.openai_shapes import (
@@ -31,6 +35,7 @@ from engine.server.openai_shapes import (
     error_json,
     stream_events,
 )
+from engine.server.schemas import OpenAIModel
 from engine.server.service import ApiService, Service
 
 
@@ -45,6 +50,22 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
     200: {"description": "the answer, or with stream: server-sent events",
           "content": {"application/json": {}, "text/event-stream": {}}},
     **{code: _ERROR for code in (400, 401, 404, 409, 413, 503)}}
+
+
+@router.get("/v1/models/{model}", response_model=OpenAIModel,
+            responses={code: _ERROR for code in (401, 404)})
+def retrieve_model(model: Annotated[str, Path(min_length=1, max_length=128)],
+                   service: Service) -> OpenAIModel:
+    """One runnable model, by its registry name or an alias (OpenAI's retrieve)."""
+    engine = service.engine
+    name = model_name(engine.registry, model)
+    runnable = {v.name for v in model_views(engine.registry, engine.pool,
+                                            weights=engine.weights) if v.runnable}
+    if name not in runnable:
+        raise CompatError(f"model {model!r} cannot run here: its weights are not on this "
+                          "machine (see GET /v1/models)", param="model", status=404,
+                          code="model_not_found")
+    return OpenAIModel(id=model)
 
 
 @router.post("/v1/chat/completions", responses=_ANSWERS)
