@@ -106,15 +106,17 @@ def private_dir(path: Path, what: str = "state") -> Path:
     return path
 
 
-def _write_private(folder: Path, text: str) -> Path:
-    """``text`` in a new 0600 temporary file in ``folder``, flushed to disk."""
-    fd, name = tempfile.mkstemp(prefix=".token.", dir=folder)
+def private_temp_file(folder: Path, data: bytes, *, prefix: str, sync: bool = True) -> Path:
+    """``data`` in a new file of a unique name in ``folder``, mode 0600, flushed (and
+    fsynced when ``sync``); the caller moves it into place or removes it."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o600)
-            handle.write(text)
+            handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(name)
@@ -122,11 +124,23 @@ def _write_private(folder: Path, text: str) -> Path:
     return Path(name)
 
 
+def write_private(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically: a 0600 temporary file beside it, then
+    ``os.replace``, so a reader sees the old file or the new one, never a part."""
+    temporary = private_temp_file(path.parent, data, prefix=f".{path.name}.", sync=sync)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def _install_token(path: Path, *, replace: bool) -> str:
     """Write a new token into ``path`` atomically; returns the token now in the file."""
     token = secrets.token_urlsafe(32)
     try:
-        temporary = _write_private(path.parent, token + "\n")
+        temporary = private_temp_file(path.parent, (token + "\n").encode(), prefix=".token.")
         try:
             if replace:
                 os.replace(temporary, path)
@@ -184,7 +198,9 @@ __all__ = [
     "load_or_create_token",
     "mask_secret",
     "private_dir",
+    "private_temp_file",
     "problem_text",
     "tighten_private",
     "valid_token",
+    "write_private",
 ]

@@ -39,6 +39,7 @@ from typing import Any
 
 from engine.cache import engine_cache_dir
 from engine.errors import WeightsUnavailableError
+from engine.state import write_private
 
 __all__ = [
     "DIGEST_CACHE_FILE",
@@ -216,20 +217,8 @@ def changed_file(identities: Mapping[Path, FileIdentity]) -> Path | None:
 
 
 def _write_json_private(path: Path, doc: Any, *, sync: bool = False) -> None:
-    """Write ``doc`` to ``path`` atomically: a unique 0600 temporary file, then ``os.replace``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            json.dump(doc, fh, indent=0, sort_keys=True)
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
+    """Write ``doc`` to ``path`` atomically, mode 0600 (:func:`engine.state.write_private`)."""
+    write_private(path, json.dumps(doc, indent=0, sort_keys=True).encode(), sync=sync)
 
 
 def _read_json_dict(path: Path) -> dict[str, Any]:

@@ -6,12 +6,9 @@ second) and kept in the engine's cache under the CPU's name and core count.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +17,7 @@ from typing import Any
 
 from engine.cache import engine_cache_dir
 from engine.hardware import Device, cpu, gpu_spec_for
-from engine.state import StateDirError, private_dir
+from engine.state import StateDirError, private_dir, write_private
 
 __all__ = [
     "cpu_memory_bandwidth_gbps",
@@ -110,14 +107,7 @@ def cpu_memory_bandwidth_gbps(cache_dir: Path | None = None, *, refresh: bool = 
     }
     try:
         private_dir(directory, "cache")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp: mode 0600
-                handle.write(json.dumps(entries, indent=2, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_private(path, json.dumps(entries, indent=2, sort_keys=True).encode(), sync=False)
     except (OSError, StateDirError) as exc:  # a read-only cache must not stop the engine
         log.warning("could not cache CPU bandwidth in %s: %s", path, exc)
     return gbps

@@ -55,6 +55,7 @@ from engine.cache import engine_cache_dir
 from engine.errors import EngineError
 from engine.hardware import cpu_identity
 from engine.settings import settings
+from engine.state import write_private
 
 log = logging.getLogger(__name__)
 
@@ -342,20 +343,6 @@ def _build_lock(folder_fd: int, library: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- build and load
 
 
-def _write_private(folder: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to ``folder/name`` atomically (a 0600 temporary file, then a rename)."""
-    fd, temporary = tempfile.mkstemp(prefix=name, suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, folder / name)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def _build(compiler: str, target: Path) -> str | None:
     """Compile the source into ``target`` (0600, atomically) and write its build record first;
     returns an error text, or None."""
@@ -379,8 +366,7 @@ def _build(compiler: str, target: Path) -> str | None:
         document = {"format": RECORD_FORMAT, **record.to_dict()}
         # The record goes first: a crash between the two leaves no library, so the next
         # run builds again, never a library whose record is another build's.
-        _write_private(target.parent, record_path(target).name,
-                       json.dumps(document, indent=2).encode())
+        write_private(record_path(target), json.dumps(document, indent=2).encode())
         os.replace(temporary, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
