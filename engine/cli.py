@@ -41,8 +41,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="device to run on: cpu, cuda, cuda:N (default: every GPU, else cpu)")
     parser.add_argument("--dtype", default=None,
-                        choices=["auto", "float32", "float16", "bfloat16"],
-                        help="precision (default: the registry entry's, see DESIGN.md)")
+                        choices=["auto", "float32", "float16", "bfloat16", "native"],
+                        help="precision (default: the registry entry's, see DESIGN.md); native "
+                             "computes a GGUF model on its own quantized blocks on the CPU, "
+                             "float32 on its de-quantized weights")
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
                         help="'random' builds the true architecture with seeded random weights "
                              "(no download; for benchmarks)")
@@ -125,6 +127,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"the row-invariant kernel ({kernel['reason']})" if kernel["in_use"] else
         "torch's BLAS (AITBC_ENGINE_LINEAR=blas)" if kernel["available"] else
         f"torch's BLAS ({kernel['reason']})"), markup=False)
+    blocks = kernel["blocks"]
+    console.print("GGUF models (dtype native): " + (
+        f"computed on their quantized blocks ({', '.join(blocks['formats'])})"
+        if kernel["in_use"] and blocks["available"] else
+        "de-quantized to float32 (AITBC_ENGINE_LINEAR=blas)" if blocks["available"] else
+        f"de-quantized to float32 ({blocks['reason'] if kernel['available'] else kernel['reason']})"
+    ), markup=False)
     if kernel["build"] is not None:
         build = kernel["build"]
         console.print(f"  kernel build: {build['compiler_version'] or build['compiler']} "

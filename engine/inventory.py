@@ -67,14 +67,19 @@ def model_views(registry: Registry, pool: ModelPool, *,
 
 
 def cpu_linear_kernel() -> dict[str, Any]:
-    """The CPU linear-layer kernel: ``available``, ``in_use`` (not turned off), ``reason``,
-    and ``build``: the checked library's compiler, compiler version, flags, instruction-set
-    features (``isa``), sha256 and size, or None when no library passed the checks."""
+    """The CPU linear-layer kernel: ``available``, ``in_use`` (not turned off), ``reason``;
+    ``blocks``: whether the block kernel for GGUF weights (the ``native`` dtype) passed its
+    check, why not, and the formats it computes on; and ``build``: the checked library's
+    compiler, compiler version, flags, instruction-set features (``isa``), sha256 and size,
+    or None when no library passed the checks."""
+    from engine.kernels.blocks import SUPPORTED
     from engine.kernels.rowgemm import blas_requested, kernel_status  # imports torch
 
     kernel = kernel_status()
     return {"available": kernel.available, "in_use": kernel.available and not blas_requested(),
             "reason": kernel.reason,
+            "blocks": {"available": kernel.blocks_available, "reason": kernel.blocks_reason,
+                       "formats": sorted(SUPPORTED.values())},
             "build": kernel.build.to_dict() if kernel.build is not None else None}
 
 

@@ -11,10 +11,12 @@ Knows nothing of jobs or HTTP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import socket
+import struct
 import sys
 import threading
 import time
@@ -44,7 +46,10 @@ log = logging.getLogger(__name__)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Bytes per parameter in memory, for the fit check and the pool's budget. ``native`` keeps a
+# GGUF's blocks: at most about a byte (Q8_0 with its scales), usually under one.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "native": 1}
+NATIVE = "native"
 # Working memory on top of the weights (activations, KV cache of a short job,
 # allocator slack), as a fraction of the weight bytes plus a fixed floor.
 FIT_OVERHEAD_FRACTION = 0.20
@@ -58,20 +63,32 @@ HUB_HOST = ("huggingface.co", 443)
 
 # ------------------------------------------------------------------ precision
 
-def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = None) -> str:
+def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = None,
+                       weights: Weights = "pretrained") -> str:
     """The dtype name a model runs in on ``device`` (DESIGN.md "Devices and precision").
 
-    ``override`` (``auto``, ``float32``, ``float16``, ``bfloat16``) replaces the
-    entry's default; ``auto`` on CUDA is bf16 from compute capability 8.0; below
-    it, fp32 for a model trained in bf16 (its activations can pass fp16's range)
-    and fp16 for the others. On CPU, ``auto`` is the entry's CPU dtype.
+    ``override`` (``auto``, ``float32``, ``float16``, ``bfloat16``, ``native``)
+    replaces the entry's default; ``auto`` on CUDA is bf16 from compute capability
+    8.0; below it, fp32 for a model trained in bf16 (its activations can pass
+    fp16's range) and fp16 for the others. On CPU, ``auto`` is the entry's CPU
+    dtype. ``native`` (a GGUF model on its own blocks, CPU only) becomes
+    ``float32`` where the block kernel is unavailable (the reason is logged) and for
+    random ``weights`` (there is no file to keep); asked for by name for a model that
+    is not a GGUF LLaMA, it is an error.
     """
     wanted = override or (spec.dtype.cuda if device.kind == "cuda" else spec.dtype.cpu)
     if wanted not in ("auto", *DTYPE_BYTES):
-        raise DeviceError(f"unknown dtype {wanted!r}; use auto, float32, float16 or bfloat16",
-                          field="dtype")
+        raise DeviceError(f"unknown dtype {wanted!r}; use auto, float32, float16, bfloat16 or "
+                          "native", field="dtype")
+    if wanted == NATIVE and device.kind == "cuda":
+        raise DeviceError("the native dtype computes GGUF blocks on the CPU; on a GPU use "
+                          "auto, float32, float16 or bfloat16", field="dtype")
     if device.kind != "cuda":
-        return spec.dtype.cpu if wanted == "auto" else wanted
+        name = spec.dtype.cpu if wanted == "auto" else wanted
+        if name != NATIVE:
+            return name
+        return "float32" if weights == "random" else _native_or_float32(
+            spec, asked=override == NATIVE)
     cc = device.compute_capability or (0, 0)
     if wanted == "auto":
         if supports_bf16(cc):
@@ -83,11 +100,43 @@ def resolve_dtype_name(spec: ModelSpec, device: Device, override: str | None = N
     return wanted
 
 
+_native_warned: set[str] = set()
+
+
+def source_format(spec: ModelSpec) -> str:
+    """``gguf`` or ``safetensors``: the format of the entry's weights."""
+    if spec.source.package is not None:
+        return spec.source.package.format
+    if spec.source.local is not None:
+        return spec.source.local.format
+    return "safetensors"
+
+
+def _native_or_float32(spec: ModelSpec, *, asked: bool) -> str:
+    """``native`` where ``spec`` can run on its GGUF blocks here, else ``float32`` (logged once
+    per model), or an error when the caller asked for native and the model can never have it."""
+    from engine.native import native_unavailable_reason
+
+    fmt = source_format(spec)
+    reason = native_unavailable_reason(spec.architecture, fmt)
+    if reason is None:
+        return NATIVE
+    if asked and (fmt != "gguf" or spec.architecture != "llama"):
+        raise DeviceError(f"model {spec.name!r} cannot use the native dtype: {reason}; use "
+                          "float32", field="dtype")
+    if spec.name not in _native_warned:
+        _native_warned.add(spec.name)
+        log.warning("model %r runs in float32 on de-quantized weights, not on its GGUF blocks: "
+                    "%s", spec.name, reason)
+    return "float32"
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a dtype name."""
+    """The torch dtype for a dtype name (``native`` computes in float32)."""
     import torch
 
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            NATIVE: torch.float32}[name]
 
 
 # ------------------------------------------------------------------ where weights are
@@ -598,18 +647,24 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
 
     if not devices:
         raise DeviceError("no device given to load the model on")
-    dtype_name = resolve_dtype_name(spec, devices[0], dtype)
+    dtype_name = resolve_dtype_name(spec, devices[0], dtype, weights)
     if check_memory:
         check_fits(spec, devices, dtype_name)
     with _load_lock, _quiet_transformers():
         _import_architecture(spec)
         started = time.perf_counter()
-        if weights == "random":
-            model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
+        if dtype_name == NATIVE:
+            model, tokenizer, digest, kind = _load_native(spec, cache_dir)
+            from engine.kernels import BLOCK_KERNEL_NAME
+
+            linear_kernel = BLOCK_KERNEL_NAME
         else:
-            model, tokenizer, digest = _load_pretrained(spec, cache_dir)
-            kind = "model"
-        model, linear_kernel = _place(model, devices, torch_dtype(dtype_name))
+            if weights == "random":
+                model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
+            else:
+                model, tokenizer, digest = _load_pretrained(spec, cache_dir)
+                kind = "model"
+            model, linear_kernel = _place(model, devices, torch_dtype(dtype_name))
         model.eval()
         if devices[0].kind == "cuda":
             torch.cuda.synchronize(devices[0].index)
@@ -686,9 +741,11 @@ def _verified_weights(spec: ModelSpec, found: Availability, cache_dir: Path | No
         gguf_file = found.files[0]
         digest = weights_digest([gguf_file], cache_dir)
         directory = converted_gguf_dir(spec, digest, cache_dir)
-        identities = weightfiles.ensure_conversion(
-            directory, source_file=gguf_file, source_digest=digest,
-            convert=lambda target: convert_gguf(spec, gguf_file, target, source_digest=digest))
+        with _unreadable_gguf(spec, gguf_file):
+            identities = weightfiles.ensure_conversion(
+                directory, source_file=gguf_file, source_digest=digest,
+                convert=lambda target: convert_gguf(spec, gguf_file, target,
+                                                    source_digest=digest))
         return directory, digest, identities
     try:
         weightfiles.check_weight_files(found.files)
@@ -699,6 +756,96 @@ def _verified_weights(spec: ModelSpec, found: Availability, cache_dir: Path | No
             field="model") from damage
     digest, identities = weightfiles.weights_digest_and_identities(found.files, cache_dir)
     return found.location, digest, identities
+
+
+@contextlib.contextmanager
+def _unreadable_gguf(spec: ModelSpec, gguf_file: Path) -> Iterator[None]:
+    """Turn what the GGUF readers raise on a truncated or foreign file into a clear error."""
+    try:
+        yield
+    except (ValueError, struct.error, IndexError, KeyError, EOFError) as exc:
+        raise WeightsUnavailableError(
+            f"model {spec.name!r}: weight file {gguf_file} is damaged or not a GGUF file "
+            f"({type(exc).__name__}: {exc}); restore it (reinstall its package, or copy it again)",
+            field="model") from exc
+
+
+def native_meta_dir(spec: ModelSpec, gguf_digest: str, cache_dir: Path | None = None) -> Path:
+    """Where the config and tokenizer of a GGUF entry run natively live in the engine's cache."""
+    return converted_gguf_dir(spec, gguf_digest, cache_dir).with_name(
+        converted_gguf_dir(spec, gguf_digest, cache_dir).name + "-native")
+
+
+def _write_native_meta(gguf_file: Path, target: Path, *, digest: str) -> None:
+    """The config, generation config and tokenizer a GGUF file describes, saved privately
+    into ``target`` with a manifest (no weights: the native path reads the GGUF's blocks)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    with weightfiles.staged_conversion(target, source_file=gguf_file,
+                                       source_digest=digest) as staged:
+        config.save_pretrained(staged)
+        GenerationConfig.from_model_config(config).save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+
+
+def _load_native(spec: ModelSpec, cache_dir: Path | None,
+                 ) -> tuple[Any, Any, str, str]:
+    """A GGUF model on its own blocks: (model, tokenizer, digest, tokenizer kind).
+
+    The digest is the GGUF's, the same the float32 path reports, since both
+    compute on the values the file holds. The file is read once; its identity
+    after reading must be the one its digest was computed for, or it is read again.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from engine.native import (
+        NativeUnavailableError,
+        build_native_model,
+        read_gguf_header,
+        return_free_memory,
+    )
+
+    found = _find_weights(spec)
+    gguf_file = found.files[0]
+    for _attempt in range(LOAD_ATTEMPTS):
+        digest, identities = weightfiles.weights_digest_and_identities([gguf_file], cache_dir)
+        directory = native_meta_dir(spec, digest, cache_dir)
+        with _unreadable_gguf(spec, gguf_file):
+            weightfiles.ensure_conversion(
+                directory, source_file=gguf_file, source_digest=digest,
+                convert=functools.partial(_write_native_meta, gguf_file, digest=digest))
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=False)
+        try:
+            gguf = read_gguf_header(gguf_file)
+            model, formats = build_native_model(
+                functools.partial(_auto_class(spec).from_config, config), config, gguf)
+        except weightfiles.WeightFileProblem as damage:
+            raise WeightsUnavailableError(
+                f"model {spec.name!r}: weight file {damage.path} is damaged ({damage.problem}); "
+                "reinstall the package that ships it", field="model") from damage
+        except NativeUnavailableError as exc:
+            raise WeightsUnavailableError(f"model {spec.name!r} cannot run on its GGUF blocks: "
+                                          f"{exc}; use --dtype float32", field="dtype") from exc
+        finally:
+            return_free_memory()
+        changed = weightfiles.changed_file(identities)
+        if changed is not None:
+            log.warning("weight file %s changed while model %r was loading; checking and "
+                        "loading it again", changed, spec.name)
+            del model
+            continue
+        model.generation_config = GenerationConfig.from_pretrained(  # type: ignore[assignment]
+            str(directory))
+        log.info("model %r runs on its GGUF blocks (%s)", spec.name,
+                 ", ".join(f"{count} {name}" for name, count in sorted(formats.items())))
+        return model, tokenizer, digest, "model"
+    raise WeightsUnavailableError(f"model {spec.name!r}: weight file {gguf_file} kept changing "
+                                  "while it was loaded; let whatever writes it finish, then try "
+                                  "again", field="model")
 
 
 def _load_pretrained(spec: ModelSpec, cache_dir: Path | None) -> tuple[Any, Any, str]:

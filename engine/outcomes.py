@@ -117,10 +117,10 @@ def completed_result(job: Job, loaded: LoadedModel, output: GenerationOutput | E
     When the CPU kernel computed the linear layers, the profile names its build
     (compiler, version, flags, instruction-set features) from the kernel's status.
     """
-    from engine.kernels import KERNEL_NAME
+    from engine.kernels import KERNEL_NAMES
 
     build = None
-    if loaded.linear_kernel == KERNEL_NAME:
+    if loaded.linear_kernel in KERNEL_NAMES:
         from engine.kernels.rowgemm import kernel_status  # loaded already: the model uses it
 
         build = kernel_status().build

@@ -87,7 +87,7 @@ class ModelPool:
                 dtype: str | None = None) -> PoolKey:
         """The key a model would have on ``devices``."""
         return PoolKey(spec.name, tuple(d.id for d in devices),
-                       resolve_dtype_name(spec, devices[0], dtype), weights)
+                       resolve_dtype_name(spec, devices[0], dtype, weights), weights)
 
     def peek(self, key: PoolKey) -> LoadedModel | None:
         """The warm model under ``key``, without touching its recency."""

@@ -21,7 +21,9 @@ REGISTRY_ENV = "AITBC_ENGINE_REGISTRY"  # read through engine.settings (field `r
 
 Task = Literal["text-generation", "embedding"]
 WeightFormat = Literal["safetensors", "gguf"]
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+# ``native``: the CPU computes a GGUF model on its own quantized blocks (engine.native).
+DtypeName = Literal["auto", "float32", "float16", "bfloat16", "native"]
+CudaDtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 TrainedDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -89,8 +91,10 @@ class Source(StrictModel):
 class DtypePolicy(StrictModel):
     """Default precision per device kind; ``auto`` follows DESIGN.md's policy on CUDA."""
 
-    cuda: DtypeName = "auto"
-    cpu: Literal["float32", "bfloat16", "float16"] = "float32"
+    cuda: CudaDtypeName = "auto"
+    # ``native``: a GGUF model computed on its own quantized blocks (engine.native), where the
+    # CPU kernel builds; the float32 path otherwise.
+    cpu: Literal["float32", "bfloat16", "float16", "native"] = "float32"
 
 
 class ModelSpec(StrictModel):

@@ -124,9 +124,9 @@ class Work:
             self.ctx.started(item)
         self.loaded, self.load_seconds = self._lease.enter_context(self.ctx.pool.use(
             self.spec, self.devices, weights=self.ctx.weights, dtype=self.ctx.dtype))
-        from engine.kernels import KERNEL_NAME
+        from engine.kernels import KERNEL_NAMES
 
-        if self.loaded.linear_kernel == KERNEL_NAME:
+        if self.loaded.linear_kernel in KERNEL_NAMES:
             from engine.kernels.rowgemm import hand_threads_to_kernel
 
             hand_threads_to_kernel()  # this thread is the device's own

@@ -29,7 +29,7 @@ from engine.registry import Registry
 @pytest.fixture(scope="module")
 def kernel() -> object:
     """The built kernel function; the tests that need it skip, with the reason, where it can't."""
-    status, function = rowgemm._kernel()
+    status, function, _blocks = rowgemm._kernel()
     if not status.available:
         pytest.skip(f"the CPU kernel is not available here: {status.reason}")
     return function
@@ -190,6 +190,9 @@ def test_info_says_whether_the_cpu_kernel_computes_linear_layers(
     status = kernel_status()
     assert shown == {"available": status.available, "in_use": status.available,
                      "reason": status.reason,
+                     "blocks": {"available": status.blocks_available,
+                                "reason": status.blocks_reason,
+                                "formats": ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"]},
                      "build": status.build.to_dict() if status.build else None}
     monkeypatch.setenv("AITBC_ENGINE_LINEAR", "blas")
     assert main(["info"]) == 0

@@ -456,7 +456,7 @@ def test_hardware_is_info_json(client: httpx.Client) -> None:
     info = json.loads(cli.stdout)
     assert set(info) | {"fast_paths"} == set(served)
     assert served["cpu_linear_kernel"] == info["cpu_linear_kernel"]
-    assert set(served["cpu_linear_kernel"]) == {"available", "in_use", "reason", "build"}
+    assert set(served["cpu_linear_kernel"]) == {"available", "in_use", "reason", "blocks", "build"}
     assert [d["id"] for d in served["devices"]] == [d["id"] for d in local["devices"]]
     assert served["torch_version"] == local["torch_version"]
 

@@ -46,10 +46,15 @@ def recorded_run_config(engine: Engine, loaded: LoadedModel) -> RunConfig:
 
 
 def _linear_kernel(devices: list[Device], dtype: str) -> str:
-    """The linear-layer kernel loading would pick (``engine.loading``: one CPU device, fp32)."""
-    if len(devices) != 1 or devices[0].kind != "cpu" or dtype != "float32":
+    """The linear-layer kernel loading would pick (``engine.loading``: one CPU device, fp32
+    on packed panels, or the native dtype on GGUF blocks)."""
+    if len(devices) != 1 or devices[0].kind != "cpu" or dtype not in ("float32", "native"):
         return "blas"
+    from engine.kernels import BLOCK_KERNEL_NAME
     from engine.kernels.rowgemm import KERNEL_NAME, blas_requested, kernel_status
+
+    if dtype == "native":
+        return BLOCK_KERNEL_NAME  # resolve_dtype_name gives "native" only where it can run
 
     return KERNEL_NAME if not blas_requested() and kernel_status().available else "blas"
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
-__all__ = ["cpu_cores", "cpu_identity", "cpu_memory", "cpu_name", "usable_cores"]
+__all__ = ["cgroup_cpu_quota", "cpu_cores", "cpu_identity", "cpu_memory", "cpu_name",
+           "usable_cores"]
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -41,11 +43,35 @@ def cpu_cores() -> int:
 
 
 def usable_cores() -> int:
-    """Logical cores this process may run on (its affinity mask where the OS has one)."""
+    """Logical cores this process may run on: its affinity mask where the OS has one,
+    capped by a cgroup v2 CPU quota (``cpu.max``, a container's CPU limit) when set."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return cpu_cores()
+        cores = cpu_cores()
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota is not None else cores
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota(root: Path | None = None) -> int | None:
+    """Whole CPUs the process's cgroup (v2) may use (``cpu.max`` quota / period, rounded
+    up), or None where there is no limit or no cgroup v2 to ask."""
+    base = root or CGROUP_ROOT
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        relative = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        quota, period = (base / relative.lstrip("/") / "cpu.max").read_text().split()[:2]
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def cpu_memory() -> tuple[int, int]:

@@ -3,5 +3,8 @@
 This module imports nothing heavy: the faces can name the kernel without torch.
 """
 
-# The execution profile's ``linear_kernel`` when the CPU kernel computed the linear layers.
+# The execution profile's ``linear_kernel`` when the CPU kernel computed the linear layers
+# on float32 panels, and when it computed them on a GGUF's quantized blocks.
 KERNEL_NAME = "row-invariant"
+BLOCK_KERNEL_NAME = "row-invariant-blocks"
+KERNEL_NAMES = (KERNEL_NAME, BLOCK_KERNEL_NAME)

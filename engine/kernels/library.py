@@ -59,18 +59,21 @@ from engine.state import write_private
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("rowgemm.c")
+_HERE = Path(__file__).parent
+# The C files compiled together into the one library, and the header they share.
+SOURCES = tuple(_HERE / name for name in ("pool.c", "rowgemm.c", "blockgemm.c"))
+HEADERS = (_HERE / "kernel.h",)
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-pthread",
          "-shared", "-fPIC")
 # The layout of the kernel folder and build record; part of the library's key, so a
 # library left by an engine that kept no record is never looked at.
-RECORD_FORMAT = "aitbc-rowgemm/2"
+RECORD_FORMAT = "aitbc-rowgemm/3"
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 _RECORD_LIMIT = 64 * 1024
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-__all__ = ["FLAGS", "RECORD_FORMAT", "SOURCE", "KernelBuild", "KernelRefusedError",
+__all__ = ["FLAGS", "RECORD_FORMAT", "SOURCES", "KernelBuild", "KernelRefusedError",
            "KernelUnavailableError", "library_path", "load_library", "record_path",
            "target_features"]
 
@@ -158,7 +161,8 @@ def target_features(compiler: str) -> tuple[str, ...]:
 def library_path(compiler: str, cache_dir: Path | None = None) -> Path:
     """Where the library built by ``compiler`` for this CPU lives in the engine cache."""
     key = hashlib.sha256()
-    for part in (RECORD_FORMAT.encode(), SOURCE.read_bytes(), " ".join(FLAGS).encode(),
+    for part in (RECORD_FORMAT.encode(), *(f.read_bytes() for f in SOURCES + HEADERS),
+                 " ".join(FLAGS).encode(),
                  compiler.encode(), _compiler_version(compiler).encode(),
                  cpu_identity().encode()):
         key.update(part)
@@ -344,12 +348,12 @@ def _build_lock(folder_fd: int, library: Path) -> Iterator[None]:
 
 
 def _build(compiler: str, target: Path) -> str | None:
-    """Compile the source into ``target`` (0600, atomically) and write its build record first;
+    """Compile the sources into ``target`` (0600, atomically) and write its build record first;
     returns an error text, or None."""
     fd, temporary = tempfile.mkstemp(prefix=target.stem, suffix=".so.part", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary],
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", temporary],
                               capture_output=True, text=True, timeout=300, check=False,
                               umask=0o077)
         if done.returncode != 0:

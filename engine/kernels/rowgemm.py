@@ -33,14 +33,15 @@ from typing import Any
 
 import torch
 
+from engine.hardware.cpu import usable_cores
 from engine.kernels import KERNEL_NAME
 from engine.kernels.library import KernelBuild, KernelUnavailableError, load_library
 from engine.settings import settings
 
 PANEL = 32
 BLAS_NAME = "blas"
-__all__ = ["KERNEL_NAME", "KernelBuild", "KernelStatus", "PackedLinear",
-           "hand_threads_to_kernel", "kernel_status", "pack_linear_layers"]
+__all__ = ["KERNEL_NAME", "KernelBuild", "KernelStatus", "PackedLinear", "block_kernel",
+           "hand_threads_to_kernel", "kernel_status", "kernel_threads", "pack_linear_layers"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,14 @@ class KernelStatus:
     reason: str
     library: Path | None = None
     build: KernelBuild | None = None  # set when the library passed its integrity checks
+    # Whether the block kernel (weights kept in GGUF blocks, engine.kernels.blocks) passed
+    # its own check too, and if not, why.
+    blocks_available: bool = False
+    blocks_reason: str = ""
 
 
 _lock = threading.Lock()
-_loaded: tuple[KernelStatus, Any] | None = None
+_loaded: tuple[KernelStatus, Any, Any] | None = None
 
 
 def _bind(library: ctypes.CDLL, path: Path) -> Any:
@@ -91,7 +96,7 @@ def kernel_status(cache_dir: Path | None = None) -> KernelStatus:
     return _kernel(cache_dir)[0]
 
 
-def _kernel(cache_dir: Path | None = None) -> tuple[KernelStatus, Any]:
+def _kernel(cache_dir: Path | None = None) -> tuple[KernelStatus, Any, Any]:
     global _loaded
     with _lock:
         if _loaded is not None:
@@ -100,19 +105,45 @@ def _kernel(cache_dir: Path | None = None) -> tuple[KernelStatus, Any]:
         return _loaded
 
 
-def _load(cache_dir: Path | None) -> tuple[KernelStatus, Any]:
+def _load(cache_dir: Path | None) -> tuple[KernelStatus, Any, Any]:
     try:
         library, path, build, compiler = load_library(cache_dir)
     except KernelUnavailableError as exc:
-        return KernelStatus(False, exc.message, exc.path), None
+        return KernelStatus(False, exc.message, exc.path), None, None
     try:
         function = _bind(library, path)
     except (OSError, AttributeError) as exc:
-        return KernelStatus(False, f"loading the CPU linear kernel {path} failed: {exc}"), None
+        return KernelStatus(False, f"loading the CPU linear kernel {path} failed: {exc}"), \
+            None, None
     problem = _self_check(function)
     if problem is not None:
-        return KernelStatus(False, f"{problem}; using torch's BLAS", path, build), None
-    return KernelStatus(True, f"built with {compiler} for this CPU", path, build), function
+        return KernelStatus(False, f"{problem}; using torch's BLAS", path, build), None, None
+    blocks, blocks_problem = _block_kernel(library, path, function)
+    return (KernelStatus(True, f"built with {compiler} for this CPU", path, build,
+                         blocks_available=blocks is not None,
+                         blocks_reason=blocks_problem or f"built with {compiler} for this CPU"),
+            function, blocks)
+
+
+def _block_kernel(library: ctypes.CDLL, path: Path, function: Any) -> tuple[Any, str | None]:
+    """Bind and check the block kernel: (the bound library, None) or (None, what went wrong)."""
+    from engine.kernels.blocks import bind_block_kernel, block_self_check
+
+    try:
+        bound = bind_block_kernel(library)
+    except (OSError, AttributeError) as exc:
+        return None, f"loading the block kernel from {path} failed: {exc}"
+    problem = block_self_check(bound, lambda x, w: _call(function, x, pack_weight(w), None,
+                                                         int(w.shape[0])))
+    if problem is not None:
+        return None, f"{problem}; GGUF weights are de-quantized to float32 instead"
+    return bound, None
+
+
+def block_kernel() -> Any:
+    """The bound block kernel library (`engine.kernels.blocks`), or None where it is unusable."""
+    status, _function, blocks = _kernel()
+    return blocks if status.available else None
 
 
 def reset_for_tests() -> None:
@@ -174,13 +205,23 @@ def hand_threads_to_kernel() -> None:
     if getattr(_thread_state, "threads", None) is not None:
         return
     _thread_state.threads = torch.get_num_threads()
+    _thread_state.chosen = None
     runtime = _openmp()
     if runtime is not None and _thread_state.threads > 1:
         runtime.omp_set_num_threads(1)
 
 
-def _threads() -> int:
-    return getattr(_thread_state, "threads", None) or torch.get_num_threads()
+def kernel_threads() -> int:
+    """Threads a product may use: the count torch had for this thread, capped by the cores
+    this process may run on (its affinity mask and CPU quota, read once per thread)."""
+    chosen: int | None = getattr(_thread_state, "chosen", None)
+    if chosen is None:
+        wanted = getattr(_thread_state, "threads", None) or torch.get_num_threads()
+        chosen = _thread_state.chosen = max(1, min(wanted, usable_cores()))
+    return chosen
+
+
+_threads = kernel_threads
 
 
 def _call(function: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
@@ -252,7 +293,7 @@ def pack_linear_layers(model: torch.nn.Module, *, respect_setting: bool = True) 
     """
     if respect_setting and blas_requested():
         return 0
-    status, function = _kernel()
+    status, function, _blocks = _kernel()
     if not status.available:
         return 0
     replaced = 0

@@ -1,0 +1,40 @@
+/* What the kernel's C files share: the vector types, the panel width, the
+ * float32 panel routine, and the worker pool that splits a product into units.
+ *
+ * A weight is multiplied by activation rows panel by panel: a panel is 32
+ * output columns. Every output element is one accumulator that starts at zero
+ * and takes one fused multiply-add per input index k, in order 0..K-1, with
+ * the bias added last; so a row's result never depends on how many rows share
+ * the call, nor on which thread computed its panel. */
+#ifndef AITBC_KERNEL_H
+#define AITBC_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+
+#define PANEL 32
+
+/* y[m][0..columns) = x[m] . panel (+ bias) for m < m_len, where panel holds
+   k_len rows of PANEL floats (one per output column, zero-padded). */
+void panel_product(ptrdiff_t m_len, ptrdiff_t k_len, const float *x, ptrdiff_t ldx,
+                   const float *panel, const float *bias, float *y, ptrdiff_t ldy,
+                   ptrdiff_t columns);
+
+/* One unit of a product: computes its share of the outputs, touching nothing else. */
+typedef void (*unit_fn)(const void *task, long unit);
+
+/* Run units 0..units-1 of `task` on up to `threads` threads (the caller and
+   pool workers). Units are taken one at a time from a shared counter, so a
+   worker that the system deschedules holds back only the unit it took. When
+   another thread is using the pool, the caller runs every unit itself. Returns
+   when every unit is done. Denormals are flushed to zero while units run. */
+void pool_run(unit_fn run, const void *task, long units, int threads);
+
+/* Units to cut `panels` panels into for `threads` threads: small enough that a
+   late thread leaves little behind, large enough to pay for taking one. */
+long pool_units(long panels, int threads);
+
+#endif
