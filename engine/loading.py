@@ -464,12 +464,15 @@ class LoadedModel:
     fast_paths: dict[int, Any] = field(default_factory=dict, repr=False)
     # Why the fast path is off for this model (None while it is on).
     fast_path_error: str | None = None
+    # A native model's lean decode step (engine.native_step), or None: the model's forward.
+    decode_step: Any = field(default=None, repr=False)
 
     def release(self) -> None:
         """Drop the model and everything built on it (captured graphs, static caches)."""
         for decoder in self.fast_paths.values():
             decoder.release()
         self.fast_paths.clear()
+        self.decode_step = None
         self.model = None
 
     @property
@@ -653,11 +656,17 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     with _load_lock, _quiet_transformers():
         _import_architecture(spec)
         started = time.perf_counter()
+        decode_step = None
         if dtype_name == NATIVE:
             model, tokenizer, digest, kind = _load_native(spec, cache_dir)
             from engine.kernels import BLOCK_KERNEL_NAME
+            from engine.native_step import NativeDecodeStep
 
             linear_kernel = BLOCK_KERNEL_NAME
+            try:
+                decode_step = NativeDecodeStep(model)
+            except (ValueError, AttributeError) as exc:
+                log.info("model %r decodes through its forward (%s)", spec.name, exc)
         else:
             if weights == "random":
                 model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
@@ -672,7 +681,7 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
                        dtype_name=dtype_name, weights=weights, weights_digest=digest,
                        load_time_seconds=time.perf_counter() - started,
                        memory_bytes=_model_bytes(model), tokenizer_kind=kind,
-                       linear_kernel=linear_kernel)
+                       linear_kernel=linear_kernel, decode_step=decode_step)
 
 
 def _import_architecture(spec: ModelSpec) -> None:

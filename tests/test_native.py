@@ -178,3 +178,37 @@ def test_a_truncated_gguf_is_a_clear_error(registry: Registry, blocks_here: None
     cut = _local_copy(registry, tmp_path, keep_bytes)
     with pytest.raises(WeightsUnavailableError, match="damaged or not a GGUF file"):
         load_model(cut.get("smol-cut"), [discover().cpu], dtype=dtype)
+
+
+@pytest.mark.slow
+def test_the_lean_decode_step_equals_the_forward_bit_for_bit(registry: Registry,
+                                                            blocks_here: None) -> None:
+    """A padded batch of three rows, eight steps: the same logits and the same cache."""
+    from transformers import DynamicCache
+
+    loaded = load_model(registry.get(SMOL), [discover().cpu], dtype="native")
+    model, step = loaded.model, loaded.decode_step
+    assert step is not None
+    prompts = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 253], [1, 22, 23, 24, 25]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    with torch.inference_mode():
+        first = None
+        for cache in caches:
+            first = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=True, cache=cache).logits[:, -1:].argmax(-1)
+        assert first is not None
+        token, position = first, positions[:, -1:]
+        for _ in range(8):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            position = position + 1
+            expected = model(input_ids=token, attention_mask=mask, position_ids=position,
+                             use_cache=True, cache=caches[0]).logits
+            got = step(token, mask, position, caches[1])
+            assert torch.equal(got, expected)
+            token = expected[:, -1:].argmax(-1)
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -289,7 +289,6 @@ class BlockLinear(torch.nn.Module):
     def __init__(self, weight: BlockWeight, bias: torch.Tensor | None, kernel: Any,
                  threads: Any) -> None:
         super().__init__()
-        self.weight_blocks = weight
         self.in_features, self.out_features = weight.columns, weight.rows
         self.blocks: torch.Tensor
         self.register_buffer("blocks", weight.data, persistent=False)
@@ -302,27 +301,33 @@ class BlockLinear(torch.nn.Module):
         self.register_buffer("padded_bias", padded, persistent=False)
         self._kernel = kernel
         self._threads = threads
+        self._product = kernel.blockgemm_bound
+        self.use_blocks(weight)
+
+    def use_blocks(self, weight: BlockWeight) -> None:
+        """Compute on ``weight`` from now on (the same rows and layout, other storage: a
+        view into a fused weight's buffer)."""
+        self.weight_blocks = weight
+        self.blocks = weight.data
+        self._bound = _BoundWeight(weight.kind, int(weight.half), weight.group, weight.rows,
+                                   weight.columns, weight.data.data_ptr(),
+                                   None if self.padded_bias is None
+                                   else self.padded_bias.data_ptr())
+        self._bound_address = ctypes.addressof(self._bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"BlockLinear takes float32 CPU inputs, not {x.dtype} on {x.device}")
-        leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        rows = flat.shape[0]
-        out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        if rows:
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        if flat.shape[0] and self._product(self._bound_address, flat.shape[0], flat.data_ptr(),
+                                           out.data_ptr(), self._threads()):
             w = self.weight_blocks
-            failed = self._kernel.blockgemm(
-                w.kind, int(w.half), w.group, rows, w.rows, w.columns, flat.data_ptr(),
-                w.columns, self.blocks.data_ptr(),
-                None if self.padded_bias is None else self.padded_bias.data_ptr(),
-                out.data_ptr(), w.rows, self._threads())
-            if failed:
-                raise BlockLayoutError(f"the block kernel refused a {w.format} weight of "
-                                       f"{w.rows}x{w.columns}")
-        return out.reshape(*leading, self.out_features)
+            raise BlockLayoutError(f"the block kernel refused a {w.format} weight of "
+                                   f"{w.rows}x{w.columns}")
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -368,4 +373,15 @@ def bind_block_kernel(library: ctypes.CDLL) -> Any:
                                        ctypes.c_void_p, ctypes.c_void_p, size, ctypes.c_void_p]
     library.blockgemm_bytes.restype = size
     library.blockgemm_bytes.argtypes = [ctypes.c_int, ctypes.c_int, size, size, size]
+    library.blockgemm_bound.restype = ctypes.c_int
+    library.blockgemm_bound.argtypes = [ctypes.c_void_p, size, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int]
     return library
+
+
+class _BoundWeight(ctypes.Structure):
+    """``bound_weight`` of blockgemm.c: a weight's layout and buffers, bound once."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("half", ctypes.c_int32), ("group", ctypes.c_ssize_t),
+                ("n_len", ctypes.c_ssize_t), ("k_len", ctypes.c_ssize_t),
+                ("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p)]

@@ -6,12 +6,13 @@
  * of the product it read, and a worker that the system deschedules (other
  * work on the machine) delays the product by the one unit it holds, not by a
  * fixed share of the work. The caller takes units too; when none are left it
- * waits for the ones in flight: it spins briefly, then yields its core (so
- * a worker descheduled on it can finish), then sleeps in short naps.
+ * waits for the ones in flight: it spins for 30 microseconds, then yields its
+ * core (so a worker descheduled on it can run) for 3 milliseconds, then sleeps
+ * in short naps.
  *
- * Workers idle between products spin for a short while (the products of one
- * decode step follow each other within microseconds), then yield, then sleep
- * on a condition variable. OpenMP would do the splitting, but in a process
+ * Workers idle between products wait the same way (the products of one
+ * decode step follow each other within microseconds), then sleep on a
+ * condition variable. OpenMP would do the splitting, but in a process
  * where several threads run parallel regions libgomp puts idle workers to
  * sleep at once, and waking them costs more than a decode step's small
  * products take.
@@ -31,12 +32,12 @@
 
 #define MAX_WORKERS 63
 #define RING 64
-/* Pause iterations before a waiting thread starts yielding, then yields
-   before it sleeps. */
-#define SPIN_PAUSES 2000
-#define WORKER_YIELDS 200
-#define CALLER_YIELDS 50
-#define CALLER_NAP_NS 20000
+/* How long a waiting thread spins (pause instructions), then yields its core
+   (which returns at once when nobody else wants it), before it sleeps: a worker
+   on the condition variable, the caller in short naps. */
+#define SPIN_NS 30000L
+#define YIELD_NS 3000000L
+#define CALLER_NAP_NS 20000L
 
 typedef struct {
     unit_fn run;
@@ -85,6 +86,26 @@ static void nap(long nanoseconds) {
     nanosleep(&pause, NULL);
 }
 
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* One step of waiting that began at `since` (0: not yet timed): spin, then yield;
+   returns 1 once the waiter should sleep instead. Time is read every 64 calls. */
+static int keep_waiting(long *since, unsigned *calls) {
+    if ((++*calls & 63) != 0 || *since == 0) {
+        if (*since == 0) *since = now_ns();
+        relax();
+        return 0;
+    }
+    long waited = now_ns() - *since;
+    if (waited < SPIN_NS) { relax(); return 0; }
+    if (waited < SPIN_NS + YIELD_NS) { sched_yield(); return 0; }
+    return 1;
+}
+
 /* Take and run units of the product in generation `gen` (read from `slot`)
    until none are left or the product is no longer the newest. */
 static void take_units(uint32_t gen, const posted *slot) {
@@ -107,19 +128,18 @@ static void *worker_main(void *arg) {
     enter_flush();  /* a worker runs nothing else, so it keeps the mode */
     for (;;) {
         uint64_t seen;
-        int waits = 0;
+        long since = 0;
+        unsigned calls = 0;
         while ((uint32_t)((seen = atomic_load_explicit(&claim, memory_order_acquire)) >> 32)
                == finished) {
-            ++waits;
-            if (waits < SPIN_PAUSES) { relax(); continue; }
-            if (waits < SPIN_PAUSES + WORKER_YIELDS) { sched_yield(); continue; }
+            if (!keep_waiting(&since, &calls)) continue;
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
             while ((uint32_t)(atomic_load(&claim) >> 32) == finished)
                 pthread_cond_wait(&wake_up, &sleep_lock);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&sleep_lock);
-            waits = 0;
+            since = 0;
         }
         uint32_t gen = (uint32_t)(seen >> 32);
         /* A copy of the slot, read with relaxed atomics: if the slot is being rewritten
@@ -194,13 +214,10 @@ void pool_run(unit_fn run, const void *task, long units, int threads) {
         pthread_mutex_unlock(&sleep_lock);
     }
     take_units(gen, slot);
-    int waits = 0;
-    while (atomic_load_explicit(&done, memory_order_acquire) < units) {
-        ++waits;
-        if (waits < SPIN_PAUSES) relax();
-        else if (waits < SPIN_PAUSES + CALLER_YIELDS) sched_yield();
-        else nap(CALLER_NAP_NS);
-    }
+    long since = 0;
+    unsigned calls = 0;
+    while (atomic_load_explicit(&done, memory_order_acquire) < units)
+        if (keep_waiting(&since, &calls)) nap(CALLER_NAP_NS);
     pthread_mutex_unlock(&call_lock);
     leave_flush(saved);
 }

@@ -191,6 +191,21 @@ def _openmp() -> Any:
     return None
 
 
+def _mkl() -> Any:
+    """The MKL inside torch's CPU library, where it exports its service functions, or None."""
+    no_load = getattr(os, "RTLD_NOLOAD", None)
+    if no_load is None:
+        return None
+    for name in ("libtorch_cpu.so", "libmkl_rt.so.2", "libmkl_rt.so"):
+        try:
+            library = ctypes.CDLL(name, mode=no_load | os.RTLD_LAZY)
+        except OSError:
+            continue
+        if hasattr(library, "mkl_set_num_threads_local_"):
+            return library
+    return None
+
+
 def hand_threads_to_kernel() -> None:
     """Let the kernel's workers have this thread's cores while it runs a packed model.
 
@@ -209,6 +224,12 @@ def hand_threads_to_kernel() -> None:
     runtime = _openmp()
     if runtime is not None and _thread_state.threads > 1:
         runtime.omp_set_num_threads(1)
+        # MKL keeps its own thread count, process-wide: without a count local to this thread,
+        # each of attention's many small products opens a parallel region (GOMP_parallel)
+        # whose sleeping workers take tens of microseconds to wake.
+        mkl = _mkl()
+        if mkl is not None:  # torch's MKL exports the Fortran-style entry: it takes a pointer
+            mkl.mkl_set_num_threads_local_(ctypes.byref(ctypes.c_int(1)))
 
 
 def kernel_threads() -> int:
