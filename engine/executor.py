@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import DeviceError, EngineError, InvalidJobError, JobCancelledError
 from engine.hardware import Device, HardwareInfo, Nvml, discover
 from engine.jobs import Job, JobResult
-from engine.loading import LoadedModel, Weights
+from engine.loading import LoadedModel, Weights, resolve_dtype_name
 from engine.metering import Meter
 from engine.options import RunOptions
 from engine.outcomes import ENGINE_VERSION, failed_result, log_result
@@ -253,10 +253,25 @@ class Engine:
             raise InvalidJobError(f"max_tokens {job.params.max_tokens} is not below "
                                   f"{spec.name}'s context length of {spec.context_length}",
                                   field="max_tokens", code="context_length_exceeded")
-        if not self._candidate_sets(spec):
+        candidates = self._candidate_sets(spec)
+        if not candidates:
             raise DeviceError(f"model {spec.name!r} needs {spec.gpu_count} GPU(s); this engine "
                               f"uses {', '.join(d.id for d in self.devices)}", field="model")
+        # A dtype this model cannot take (native for a non-GGUF model, bfloat16 on a V100)
+        # fails the job here, at submission, not later on the dispatcher's thread.
+        usable = [devices for devices in candidates if self._dtype_error(spec, devices) is None]
+        if not usable:
+            error = self._dtype_error(spec, candidates[0])
+            assert error is not None
+            raise error
         return spec
+
+    def _dtype_error(self, spec: ModelSpec, devices: list[Device]) -> EngineError | None:
+        try:
+            resolve_dtype_name(spec, devices[0], self.dtype, self.weights)
+        except EngineError as exc:
+            return exc
+        return None
 
     def _candidate_sets(self, spec: ModelSpec) -> list[list[Device]]:
         gpus = [d for d in self.devices if d.kind == "cuda"]
@@ -269,8 +284,11 @@ class Engine:
     def _is_warm(self, model: str, device_ids: tuple[str, ...]) -> bool:
         devices = [self.hardware.device(d) for d in device_ids]
         spec = self.registry.get(model)
-        return self.pool.peek(self.pool.key_for(spec, devices, self.weights, self.dtype)) \
-            is not None
+        try:
+            key = self.pool.key_for(spec, devices, self.weights, self.dtype)
+        except EngineError:
+            return False  # not loadable there in this dtype: certainly not warm
+        return self.pool.peek(key) is not None
 
     # ------------------------------------------------------------ job life
     def _cancel(self, item: QueuedJob) -> bool:

@@ -187,7 +187,7 @@ static int start_workers(int wanted) {
 
 long pool_units(long panels, int threads) {
     if (threads <= 1) return 1;
-    long units = (long)threads * 8;
+    long units = (long)threads * 16;
     return units < panels ? units : panels;
 }
 
