@@ -660,6 +660,7 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
         if dtype_name == NATIVE:
             model, tokenizer, digest, kind = _load_native(spec, cache_dir)
             from engine.kernels import BLOCK_KERNEL_NAME
+            from engine.native import return_free_memory
             from engine.native_step import NativeDecodeStep
 
             linear_kernel = BLOCK_KERNEL_NAME
@@ -667,6 +668,7 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
                 decode_step = NativeDecodeStep(model)
             except (ValueError, AttributeError) as exc:
                 log.info("model %r decodes through its forward (%s)", spec.name, exc)
+            return_free_memory()  # what packing and fusing left in the C heap
         else:
             if weights == "random":
                 model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)

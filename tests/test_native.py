@@ -212,3 +212,29 @@ def test_the_lean_decode_step_equals_the_forward_bit_for_bit(registry: Registry,
             token = expected[:, -1:].argmax(-1)
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_the_header_walk_finds_what_the_gguf_package_finds(registry: Registry,
+                                                         tmp_path: Path) -> None:
+    """The loader's own header walk (it skips the metadata values it does not need) gives
+    the tensor table the gguf package's reader gives; damaged headers are refused."""
+    from gguf import GGUFReader
+
+    from engine.native import read_gguf_header
+
+    source = loading.availability(registry.get(SMOL)).files[0]
+    if not source.is_file():
+        pytest.skip("the smollm2 package is not installed")
+    walked = read_gguf_header(source)
+    reference = GGUFReader(str(source))
+    assert walked.fields == {"general.architecture": "llama"}
+    assert [(name, kind, n_bytes, offset) for name, kind, _r, _c, n_bytes, offset
+            in walked.layout] == [(t.name, int(t.tensor_type), int(t.n_bytes),
+                                   int(t.data_offset)) for t in reference.tensors]
+    head = source.read_bytes()[:4096]
+    for name, content in {"magic": b"GGML" + head[4:], "cut": head[:3000],
+                          "version": head[:4] + (9).to_bytes(4, "little") + head[8:]}.items():
+        broken = tmp_path / f"{name}.gguf"
+        broken.write_bytes(content)
+        with pytest.raises(weightfiles.WeightFileProblem):
+            read_gguf_header(broken)
