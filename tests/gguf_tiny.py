@@ -198,6 +198,19 @@ def _matrix(rng: np.random.Generator, ggml_type: int, rows: int, columns: int, *
     return quantize(values, GGMLQuantizationType(ggml_type)), ggml_type
 
 
+def _new_writer(path: Path, architecture: str, context: int, embedding: int) -> Any:
+    """A GGUF writer for a tiny model of ``architecture``, its first header fields set."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_type("model")
+    writer.add_name(f"tiny {architecture}")
+    writer.add_context_length(context)
+    writer.add_embedding_length(embedding)
+    return writer
+
+
 def make_tiny_llama_gguf(path: Path, *, formats: Mapping[str, int] | None = None, seed: int = 0,
                          tied: bool = True) -> Path:
     """Write a tiny LLaMA GGUF to ``path`` and return it.
@@ -214,12 +227,7 @@ def make_tiny_llama_gguf(path: Path, *, formats: Mapping[str, int] | None = None
     rng = np.random.default_rng(seed)
     tokens, merges = bpe_vocabulary()
     vocab = len(tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_type("model")
-    writer.add_name("tiny llama")
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(HIDDEN)
+    writer = _new_writer(path, "llama", CONTEXT, HIDDEN)
     writer.add_block_count(LAYERS)
     writer.add_feed_forward_length(INTERMEDIATE)
     writer.add_head_count(HEADS)
@@ -306,17 +314,11 @@ GPT2_POSITIONS = 1024
 def make_tiny_gpt2_gguf(path: Path, *, seed: int = 0) -> Path:
     """Write a tiny GPT-2 GGUF (2 layers, 64 wide, float32, the same tokenizer) to ``path``:
     llama.cpp's GPT-2 layout, ``[out, in]`` matrices that the loader transposes back."""
-    import gguf
 
     rng = np.random.default_rng(seed)
     tokens, merges = bpe_vocabulary()
     vocab, n = len(tokens), GPT2_EMBD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_type("model")
-    writer.add_name("tiny gpt2")
-    writer.add_context_length(GPT2_POSITIONS)
-    writer.add_embedding_length(n)
+    writer = _new_writer(path, "gpt2", GPT2_POSITIONS, n)
     writer.add_feed_forward_length(4 * n)
     writer.add_block_count(LAYERS)
     writer.add_head_count(GPT2_HEADS)

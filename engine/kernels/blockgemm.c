@@ -218,17 +218,7 @@ static void fused_##ROWS(const layout *l, ptrdiff_t k_len, const float *x, ptrdi
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    vec16 b_lo = (vec16){0}, b_hi = (vec16){0};                                             \
-    if (bias) {                                                                             \
-        b_lo = *(const vec16_unaligned *)bias;                                              \
-        b_hi = *(const vec16_unaligned *)(bias + 16);                                       \
-    }                                                                                       \
-    for (int r = 0; r < ROWS; r++) {                                                        \
-        float out[PANEL];                                                                   \
-        *(vec16_unaligned *)out = lo[r] + b_lo;                                             \
-        *(vec16_unaligned *)(out + 16) = hi[r] + b_hi;                                      \
-        memcpy(y + r * ldy, out, (size_t)columns * sizeof(float));                          \
-    }                                                                                       \
+    store_rows(ROWS, lo, hi, bias, y, ldy, columns);                                        \
 }
 
 FUSED(1) FUSED(2) FUSED(3) FUSED(4) FUSED(5) FUSED(6) FUSED(7) FUSED(8)

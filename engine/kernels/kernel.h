@@ -11,11 +11,30 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
 
 #define PANEL 32
+
+/* The end of a row group: each row's two accumulators plus the bias (NULL: none),
+   its first `columns` outputs stored at y, ldy apart. One definition, so the float32
+   and block routines finish every output the same way. */
+static inline void store_rows(int rows, const vec16 *lo, const vec16 *hi, const float *bias,
+                              float *y, ptrdiff_t ldy, ptrdiff_t columns) {
+    vec16 b_lo = (vec16){0}, b_hi = (vec16){0};
+    if (bias) {
+        b_lo = *(const vec16_unaligned *)bias;
+        b_hi = *(const vec16_unaligned *)(bias + 16);
+    }
+    for (int r = 0; r < rows; r++) {
+        float out[PANEL];
+        *(vec16_unaligned *)out = lo[r] + b_lo;
+        *(vec16_unaligned *)(out + 16) = hi[r] + b_hi;
+        memcpy(y + r * ldy, out, (size_t)columns * sizeof(float));
+    }
+}
 
 /* y[m][0..columns) = x[m] . panel (+ bias) for m < m_len, where panel holds
    k_len rows of PANEL floats (one per output column, zero-padded). */

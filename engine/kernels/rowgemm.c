@@ -38,17 +38,7 @@ static void row_group_##ROWS(ptrdiff_t k_len, const float *x, ptrdiff_t ldx,    
             hi[r] += xv * w_hi;                                                      \
         }                                                                            \
     }                                                                                \
-    vec16 b_lo = (vec16){0}, b_hi = (vec16){0};                                      \
-    if (bias) {                                                                      \
-        b_lo = *(const vec16_unaligned *)bias;                                       \
-        b_hi = *(const vec16_unaligned *)(bias + 16);                                \
-    }                                                                                \
-    for (int r = 0; r < ROWS; r++) {                                                 \
-        float out[PANEL];                                                            \
-        *(vec16_unaligned *)out = lo[r] + b_lo;                                      \
-        *(vec16_unaligned *)(out + 16) = hi[r] + b_hi;                               \
-        memcpy(y + r * ldy, out, (size_t)columns * sizeof(float));                   \
-    }                                                                                \
+    store_rows(ROWS, lo, hi, bias, y, ldy, columns);                                 \
 }
 
 ROW_GROUP(1) ROW_GROUP(2) ROW_GROUP(3) ROW_GROUP(4)
