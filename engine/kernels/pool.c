@@ -207,7 +207,10 @@ void pool_run(unit_fn run, const void *task, long units, int threads) {
     __atomic_store_n(&slot->units, units, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->helpers, helpers, __ATOMIC_RELAXED);
     atomic_store_explicit(&done, 0, memory_order_relaxed);
-    atomic_store_explicit(&claim, (uint64_t)gen << 32, memory_order_release);  /* publishes */
+    /* Publishes the product. Sequentially consistent, not just a release: the load of
+       `sleepers` below must not pass it, or a worker going to sleep at this moment could
+       miss both the product and the wake-up (it would sit out this product). */
+    atomic_store(&claim, (uint64_t)gen << 32);
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&sleep_lock);
         pthread_cond_broadcast(&wake_up);
