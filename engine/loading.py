@@ -658,17 +658,19 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
         started = time.perf_counter()
         decode_step = None
         if dtype_name == NATIVE:
-            model, tokenizer, digest, kind = _load_native(spec, cache_dir)
             from engine.kernels import BLOCK_KERNEL_NAME
             from engine.native import return_free_memory
             from engine.native_step import NativeDecodeStep
 
-            linear_kernel = BLOCK_KERNEL_NAME
             try:
-                decode_step = NativeDecodeStep(model)
-            except (ValueError, AttributeError) as exc:
-                log.info("model %r decodes through its forward (%s)", spec.name, exc)
-            return_free_memory()  # what packing and fusing left in the C heap
+                model, tokenizer, digest, kind = _load_native(spec, cache_dir)
+                linear_kernel = BLOCK_KERNEL_NAME
+                try:
+                    decode_step = NativeDecodeStep(model)
+                except (ValueError, AttributeError) as exc:
+                    log.info("model %r decodes through its forward (%s)", spec.name, exc)
+            finally:
+                return_free_memory()  # what reading, packing and fusing left in the C heap
         else:
             if weights == "random":
                 model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
@@ -746,9 +748,7 @@ def _verified_weights(spec: ModelSpec, found: Availability, cache_dir: Path | No
     size and header check; their digest comes from the digest cache.
     """
     assert found.location is not None
-    fmt = (spec.source.package.format if spec.source.package is not None
-           else spec.source.local.format if spec.source.local is not None else "safetensors")
-    if fmt == "gguf":
+    if source_format(spec) == "gguf":
         gguf_file = found.files[0]
         digest = weights_digest([gguf_file], cache_dir)
         directory = converted_gguf_dir(spec, digest, cache_dir)
@@ -783,8 +783,8 @@ def _unreadable_gguf(spec: ModelSpec, gguf_file: Path) -> Iterator[None]:
 
 def native_meta_dir(spec: ModelSpec, gguf_digest: str, cache_dir: Path | None = None) -> Path:
     """Where the config and tokenizer of a GGUF entry run natively live in the engine's cache."""
-    return converted_gguf_dir(spec, gguf_digest, cache_dir).with_name(
-        converted_gguf_dir(spec, gguf_digest, cache_dir).name + "-native")
+    converted = converted_gguf_dir(spec, gguf_digest, cache_dir)
+    return converted.with_name(converted.name + "-native")
 
 
 def _write_native_meta(gguf_file: Path, target: Path, *, digest: str) -> None:
@@ -811,12 +811,7 @@ def _load_native(spec: ModelSpec, cache_dir: Path | None,
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from engine.native import (
-        NativeUnavailableError,
-        build_native_model,
-        read_gguf_header,
-        return_free_memory,
-    )
+    from engine.native import NativeUnavailableError, build_native_model, read_gguf_header
 
     found = _find_weights(spec)
     gguf_file = found.files[0]
@@ -841,8 +836,6 @@ def _load_native(spec: ModelSpec, cache_dir: Path | None,
         except NativeUnavailableError as exc:
             raise WeightsUnavailableError(f"model {spec.name!r} cannot run on its GGUF blocks: "
                                           f"{exc}; use --dtype float32", field="dtype") from exc
-        finally:
-            return_free_memory()
         changed = weightfiles.changed_file(identities)
         if changed is not None:
             log.warning("weight file %s changed while model %r was loading; checking and "

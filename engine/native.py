@@ -47,11 +47,10 @@ from engine.errors import EngineError
 from engine.kernels import BLOCK_KERNEL_NAME
 from engine.kernels import blocks as block_formats
 from engine.kernels.blocks import BlockEmbedding, BlockLinear, BlockWeight, pack_blocks
-from engine.kernels.rowgemm import PackedLinear, block_kernel, kernel_threads
+from engine.kernels.rowgemm import PackedLinear, block_kernel, float32_kernel, kernel_threads
 
 log = logging.getLogger(__name__)
 
-NATIVE_DTYPE = "native"
 F32, F16, BF16 = 0, 1, 30
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 # GGUF tensor -> the LLaMA module (under model.layers.N) it fills.
@@ -60,7 +59,7 @@ _LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                   "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                   "ffn_down": "mlp.down_proj"}
 _LLAMA_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-__all__ = ["BLOCK_KERNEL_NAME", "NATIVE_DTYPE", "GgufFile", "GgufTensor",
+__all__ = ["BLOCK_KERNEL_NAME", "GgufFile", "GgufTensor",
            "NativeUnavailableError", "build_native_model", "native_unavailable_reason",
            "read_gguf_header", "return_free_memory"]
 
@@ -282,9 +281,7 @@ class _Builder:
             setattr(parent, leaf, BlockLinear(weight, None, self.kernel, self.threads))
             self._count(weight.format)
             return weight
-        from engine.kernels.rowgemm import _kernel
-
-        setattr(parent, leaf, PackedLinear(_float_rows(tensor), None, _kernel()[1]))
+        setattr(parent, leaf, PackedLinear(_float_rows(tensor), None, float32_kernel()))
         self._count("F32" if tensor.ggml_type == F32 else f"type {tensor.ggml_type} as F32")
         return None
 

@@ -297,9 +297,9 @@ static void run_unit(const void *task, long unit) {
 /* y = x . W^T (+ bias) for a weight W of n_len outputs and k_len inputs kept as
    blocks (layout above). bias: ceil(N/32)*32 floats or NULL. Returns 0, or -1
    when the layout arguments describe no layout (nothing is computed). */
-int blockgemm(int kind, int half, ptrdiff_t group, ptrdiff_t m_len, ptrdiff_t n_len,
-              ptrdiff_t k_len, const float *x, ptrdiff_t ldx, const uint8_t *blocks,
-              const float *bias, float *y, ptrdiff_t ldy, int threads) {
+static int blockgemm(int kind, int half, ptrdiff_t group, ptrdiff_t m_len, ptrdiff_t n_len,
+                     ptrdiff_t k_len, const float *x, ptrdiff_t ldx, const uint8_t *blocks,
+                     const float *bias, float *y, ptrdiff_t ldy, int threads) {
     block_product t;
     if (describe(kind, half, group, k_len, &t.l) != 0) return -1;
     t.m_len = m_len; t.n_len = n_len; t.k_len = k_len; t.ldx = ldx; t.ldy = ldy;

@@ -214,8 +214,9 @@ def _half_exact(ggml_type: int, by_row: np.ndarray, rows: int, columns: int) -> 
     half floats: always for Q4_1 and Q8_0; for Q4_0 unless ``-8 d`` passes half range."""
     if ggml_type != Q4_0:
         return True
-    _kind, _group, _q, scales, offsets = _decode(ggml_type, by_row.reshape(-1), rows, columns)
-    return _exact_in_half(scales) and offsets is not None and _exact_in_half(offsets)
+    size, count = _BLOCK[Q4_0]
+    d = _halves(by_row.reshape(rows, columns // count, size)[..., 0:2])
+    return _exact_in_half(d * np.float32(-8))  # d itself is a half float
 
 
 def _pack_rows(ggml_type: int, raw: np.ndarray, columns: int, half: bool,
@@ -364,10 +365,6 @@ class BlockEmbedding(torch.nn.Module):
 def bind_block_kernel(library: ctypes.CDLL) -> Any:
     """Set the argument types of the library's block functions; returns the library."""
     size = ctypes.c_ssize_t
-    library.blockgemm.restype = ctypes.c_int
-    library.blockgemm.argtypes = [ctypes.c_int, ctypes.c_int, size, size, size, size,
-                                  ctypes.c_void_p, size, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, size, ctypes.c_int]
     library.blockgemm_rows.restype = ctypes.c_int
     library.blockgemm_rows.argtypes = [ctypes.c_int, ctypes.c_int, size, size, size,
                                        ctypes.c_void_p, ctypes.c_void_p, size, ctypes.c_void_p]

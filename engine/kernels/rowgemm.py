@@ -41,7 +41,8 @@ from engine.settings import settings
 PANEL = 32
 BLAS_NAME = "blas"
 __all__ = ["KERNEL_NAME", "KernelBuild", "KernelStatus", "PackedLinear", "block_kernel",
-           "hand_threads_to_kernel", "kernel_status", "kernel_threads", "pack_linear_layers"]
+           "float32_kernel", "hand_threads_to_kernel", "kernel_status", "kernel_threads",
+           "pack_linear_layers"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,12 @@ def _block_kernel(library: ctypes.CDLL, path: Path, function: Any) -> tuple[Any,
     if problem is not None:
         return None, f"{problem}; GGUF weights are de-quantized to float32 instead"
     return bound, None
+
+
+def float32_kernel() -> Any:
+    """The bound float32 panel kernel (`PackedLinear`'s), or None where it is unusable."""
+    status, function, _blocks = _kernel()
+    return function if status.available else None
 
 
 def block_kernel() -> Any:
@@ -242,8 +249,6 @@ def kernel_threads() -> int:
     return chosen
 
 
-_threads = kernel_threads
-
 
 def _call(function: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
           out_features: int) -> torch.Tensor:
@@ -252,7 +257,7 @@ def _call(function: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tens
     if rows:
         function(rows, out_features, in_features, x.data_ptr(), in_features, packed.data_ptr(),
                  None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
-                 _threads())
+                 kernel_threads())
     return out
 
 
