@@ -49,8 +49,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="'random' builds the true architecture with seeded random weights "
                              "(no download; for benchmarks)")
     parser.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static"],
-                        help="single-job decode path: auto = static KV cache with CUDA graphs on "
-                             "GPUs, dynamic cache on the CPU")
+                        help="decode path: auto = static KV cache with CUDA graphs for a single "
+                             "job on a GPU, dynamic cache on the CPU (a native GGUF model's "
+                             "steps in the engine's fused C step, decode fused-step/1); "
+                             "dynamic = the model's own operators (native keeps float32's "
+                             "floats)")
 
 
 def run_options(args: argparse.Namespace, flags: Mapping[str, str] = FLAGS,

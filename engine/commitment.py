@@ -20,6 +20,12 @@ The engine computes it after the decode, with one teacher-forced forward over th
 and the generated tokens (minus the last) in the model's own dtype and on its device: the
 same pass whatever decode path made the tokens (dynamic cache, static cache, CUDA graphs,
 alone or batched), so a batched result and the same job alone carry the same commitment.
+The one exception is the engine's fused CPU step (decode ``fused-step/1``), whose floats are
+its own, not the model's forward's: there the committed rows are the ones the decode itself
+computed as it produced each committed token (the prefill's last row for token 0, the
+step's final-norm output for the others, :func:`commit_selected`), which costs no second
+pass; its steps are row-invariant, so there too a batched result and the same job alone
+carry the same commitment.
 A verifier recomputes the hidden states in its own precision (the teacher-forced pass
 ``tolerant`` mode runs anyway) and :func:`compare` measures how far the claim is from
 them: the fraction of claimed indices that are among the recomputed top ``k``, and the
@@ -129,11 +135,18 @@ def commit_rows(hidden: torch.Tensor, *, stride: int = DEFAULT_STRIDE,
     Magnitudes are ranked in float32 (a tie keeps the lower index first); values are
     rounded to bfloat16 (round to nearest even).
     """
+    return commit_selected(hidden[::stride], stride=stride, top_k=top_k)
+
+
+def commit_selected(rows: torch.Tensor, *, stride: int = DEFAULT_STRIDE,
+                    top_k: int = DEFAULT_TOP_K) -> Commitment:
+    """The commitment of the committed rows alone: ``rows[j]`` produced token ``j * stride``
+    (what a decode that kept those rows as it went hands over)."""
     import torch
 
-    if not 1 <= top_k <= min(hidden.shape[-1], 65535):
-        raise ValueError(f"top_k must be 1..{min(hidden.shape[-1], 65535)}, got {top_k}")
-    rows = hidden[::stride].detach().float().cpu()
+    if not 1 <= top_k <= min(rows.shape[-1], 65535):
+        raise ValueError(f"top_k must be 1..{min(rows.shape[-1], 65535)}, got {top_k}")
+    rows = rows.detach().float().cpu()
     if rows.shape[0] == 0:
         return Commitment(stride, top_k, np.zeros((0, top_k), np.int64),
                           np.zeros((0, top_k), np.float32))

@@ -91,9 +91,12 @@ class Engine:
     generation jobs of one model decode together (default: 8 on the CPU, 32
     on GPUs; 1 turns batching off); ``batch_window_seconds`` how long a new
     batch waits for mates. ``max_concurrent`` is how many works share a
-    device step by step. ``decode`` picks the single-job path (``auto``: the
-    static cache replayed as a CUDA graph on one GPU, the dynamic cache
-    elsewhere); ``graphs`` replaces how decode steps are captured (tests).
+    device step by step. ``decode`` picks the decode path (``auto``: the
+    static cache replayed as a CUDA graph for a single job on one GPU, the
+    dynamic cache elsewhere, whose steps a native GGUF model takes with the
+    engine's fused C step; ``dynamic``: the dynamic cache with the model's own
+    operators, so native results keep the float32 path's floats); ``graphs``
+    replaces how decode steps are captured (tests).
     The options are checked by :class:`engine.options.RunOptions`: a value out
     of range raises :class:`~engine.options.OptionError` (a ``ValueError``).
     """

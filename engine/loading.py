@@ -466,13 +466,15 @@ class LoadedModel:
     fast_path_error: str | None = None
     # A native model's lean decode step (engine.native_step), or None: the model's forward.
     decode_step: Any = field(default=None, repr=False)
+    # A native model's fused C decode step (its own floats, decode "fused-step/1"), or None.
+    fused_step: Any = field(default=None, repr=False)
 
     def release(self) -> None:
         """Drop the model and everything built on it (captured graphs, static caches)."""
         for decoder in self.fast_paths.values():
             decoder.release()
         self.fast_paths.clear()
-        self.decode_step = None
+        self.decode_step = self.fused_step = None
         self.model = None
 
     @property
@@ -656,19 +658,22 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     with _load_lock, _quiet_transformers():
         _import_architecture(spec)
         started = time.perf_counter()
-        decode_step = None
+        decode_step = fused_step = None
         if dtype_name == NATIVE:
             from engine.kernels import BLOCK_KERNEL_NAME
+            from engine.kernels.rowgemm import block_kernel
             from engine.native import return_free_memory
-            from engine.native_step import NativeDecodeStep
+            from engine.native_step import FusedDecodeStep, NativeDecodeStep
 
             try:
                 model, tokenizer, digest, kind = _load_native(spec, cache_dir)
                 linear_kernel = BLOCK_KERNEL_NAME
                 try:
                     decode_step = NativeDecodeStep(model)
+                    fused_step = FusedDecodeStep(decode_step, block_kernel())
                 except (ValueError, AttributeError) as exc:
-                    log.info("model %r decodes through its forward (%s)", spec.name, exc)
+                    log.info("model %r decodes %s (%s)", spec.name, "without the fused step"
+                             if decode_step else "through its forward", exc)
             finally:
                 return_free_memory()  # what reading, packing and fusing left in the C heap
         else:
@@ -685,7 +690,8 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
                        dtype_name=dtype_name, weights=weights, weights_digest=digest,
                        load_time_seconds=time.perf_counter() - started,
                        memory_bytes=_model_bytes(model), tokenizer_kind=kind,
-                       linear_kernel=linear_kernel, decode_step=decode_step)
+                       linear_kernel=linear_kernel, decode_step=decode_step,
+                       fused_step=fused_step)
 
 
 def _import_architecture(spec: ModelSpec) -> None:

@@ -8,11 +8,11 @@ the same order, on the same modules and cache, so its logits equal the
 model's forward bit for bit (a test checks this on padded batches); what it
 drops is the machinery:
 
-* the query, key and value projections of a layer are one product, and the
-  gate and up projections another: their blocks are laid end to end in one
-  buffer (whole panels, so each projection's rows are a slice of the fused
-  product's), and the separate layers keep views of that buffer, so nothing
-  is held twice;
+* the query, key and value projections of a layer are one product where their
+  blocks share a format, and the gate and up projections another: their
+  blocks are laid end to end in one buffer (whole panels, so each projection's
+  rows are a slice of the fused product's), and the separate layers keep views
+  of that buffer, so nothing is held twice;
 * the layers run as one loop of plain calls: the norm, transformers' own
   rotary, cache update and SDPA functions, the residual adds.
 
@@ -30,8 +30,13 @@ from typing import Any
 import torch
 
 from engine.kernels.blocks import BlockLinear
+from engine.kernels.decoder import STEP_VERSION, StepLayerWeights, bind_decoder, describe_model
 
-__all__ = ["NativeDecodeStep", "fuse_projections"]
+__all__ = ["FusedDecodeStep", "NativeDecodeStep", "fuse_projections"]
+
+# Cache positions the fused step's KV buffer holds beyond what a step needs, in steps of
+# this many, so that it is copied once per that many steps, not grown every step.
+CACHE_ROOM = 32
 
 
 def fuse_projections(layers: list[BlockLinear]) -> tuple[BlockLinear, list[int]] | None:
@@ -55,18 +60,30 @@ def fuse_projections(layers: list[BlockLinear]) -> tuple[BlockLinear, list[int]]
     return BlockLinear(fused, None, layers[0]._kernel, layers[0]._threads), widths
 
 
+class SharedInput:
+    """Projections of one input: a single fused block product where they can be fused,
+    else each its own. Called, gives each projection's output."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        fused = (fuse_projections(layers)
+                 if all(isinstance(layer, BlockLinear) for layer in layers) else None)
+        self.parts: list[Any] = [fused[0]] if fused else list(layers)
+        self._widths = fused[1] if fused else None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._widths is not None:
+            return list(self.parts[0](x).split(self._widths, dim=-1))
+        return [part(x) for part in self.parts]
+
+
 class _Layer:
     """One decoder layer's modules and fused projections, as the step uses them."""
 
     def __init__(self, layer: Any) -> None:
         attention, mlp = layer.self_attn, layer.mlp
-        qkv = fuse_projections([attention.q_proj, attention.k_proj, attention.v_proj])
-        gate_up = fuse_projections([mlp.gate_proj, mlp.up_proj])
-        if qkv is None or gate_up is None:
-            raise ValueError("projections in different block formats")
         self.attention = attention
-        self.qkv, self.qkv_widths = qkv
-        self.gate_up, self.gate_up_widths = gate_up
+        self.attention_in = SharedInput([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.mlp_in = SharedInput([mlp.gate_proj, mlp.up_proj])
         self.o_proj, self.down_proj, self.act_fn = attention.o_proj, mlp.down_proj, mlp.act_fn
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
@@ -85,6 +102,9 @@ def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 class NativeDecodeStep:
     """The decode step of a LLaMA model whose projections are block layers."""
+
+    # The profile's ``decode``: the floats are the forward's, so the same as its loop's.
+    name = "dynamic-cache"
 
     def __init__(self, model: Any) -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -116,16 +136,154 @@ class NativeDecodeStep:
             residual = hidden
             normed = _rms_norm(layer.input_norm, hidden)
             shape = (rows, length, -1, layer.head_dim)
-            query, key, value = (part.view(shape).transpose(1, 2) for part in
-                                 layer.qkv(normed).split(layer.qkv_widths, dim=-1))
+            query, key, value = (part.view(shape).transpose(1, 2)
+                                 for part in layer.attention_in(normed))
             query, key = self._rotary(query, key, cos, sin)
             key, value = cache.update(key, value, index)
             attended, _ = self._attend(layer.attention, query, key, value, mask, dropout=0.0,
                                        scaling=layer.scaling)
             hidden = residual + layer.o_proj(attended.reshape(rows, length, -1).contiguous())
             residual = hidden
-            gate, up = layer.gate_up(_rms_norm(layer.post_norm, hidden)).split(
-                layer.gate_up_widths, dim=-1)
+            gate, up = layer.mlp_in(_rms_norm(layer.post_norm, hidden))
             hidden = residual + layer.down_proj(layer.act_fn(gate) * up)
         hidden = _rms_norm(inner.norm, hidden)
         return self._model.lm_head(hidden)
+
+
+class FusedDecodeStep:
+    """The whole decode step in one call of the engine's C step (``decoder.c``).
+
+    Built on a :class:`NativeDecodeStep`'s fused layers (nothing is fused twice). Only
+    the embedding lookup and the rotary tables run in torch, with the model's own
+    modules; the rest is the C step, whose floats are its own: results name it in
+    their profile as ``decode: fused-step/1``.
+
+    The KV cache stays the ``DynamicCache`` the prefill filled, so the decode batch
+    merges, cuts and drops rows as always; the step keeps every layer's keys and values
+    in one buffer with room for ``CACHE_ROOM`` more positions, hung on the cache object
+    (it lives and dies with the cache), and hands the layers views of it. When the batch
+    has replaced a layer's tensors (rows joined or left), the buffer is rebuilt from them.
+    """
+
+    name = STEP_VERSION
+
+    def __init__(self, lean: NativeDecodeStep, library: Any) -> None:
+        model, config = lean._model, lean._config
+        if getattr(config, "hidden_act", None) != "silu":
+            raise ValueError(f"activation {getattr(config, 'hidden_act', None)!r}, not silu")
+        if not isinstance(model.lm_head, BlockLinear):
+            raise ValueError("the output head is not kept as blocks")
+        layers = lean._layers
+        first = layers[0]
+        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        head_dim = first.head_dim
+        if head_dim % 16 or heads % kv_heads:
+            raise ValueError(f"head size {head_dim} or {heads} heads over {kv_heads} "
+                             "key/value heads")
+        eps = {layer.input_norm.variance_epsilon for layer in layers} | \
+            {layer.post_norm.variance_epsilon for layer in layers} | \
+            {lean._inner.norm.variance_epsilon}
+        scaling = {layer.scaling for layer in layers}
+        if len(eps) != 1 or len(scaling) != 1:
+            raise ValueError("layers with different norm epsilons or attention scalings")
+        for layer in layers:
+            if not all(isinstance(part, BlockLinear) for part in
+                       (*layer.attention_in.parts, *layer.mlp_in.parts, layer.o_proj,
+                        layer.down_proj)):
+                raise ValueError("a projection is not kept as blocks")
+        self._library = bind_decoder(library)
+        self._lean = lean  # holds the fused products the description points at
+        self._inner = lean._inner
+        self._threads = first.o_proj._threads
+        self._hidden = int(config.hidden_size)
+        self._vocab = model.lm_head.out_features
+        self._kv_heads, self._head_dim, self._layers = kv_heads, head_dim, len(layers)
+        self._description = describe_model(
+            [StepLayerWeights([part._bound_address for part in layer.attention_in.parts],
+                              [part._bound_address for part in layer.mlp_in.parts],
+                              layer.o_proj._bound_address, layer.down_proj._bound_address,
+                              layer.input_norm.weight, layer.post_norm.weight)
+             for layer in layers],
+            hidden=self._hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            intermediate=int(config.intermediate_size), eps=float(eps.pop()),
+            scaling=float(scaling.pop()), final_norm=lean._inner.norm.weight,
+            head=model.lm_head._bound_address)
+        self._head = model.lm_head
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits ``[rows, 1, vocab]`` for one new token per row, the cache updated."""
+        return self.step(input_ids, attention_mask, position_ids, cache)[0]
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits ``[rows, 1, vocab]`` and the final norm's output ``[rows, hidden]``
+        (the last hidden state, what an activation commitment is made of)."""
+        rows = input_ids.shape[0]
+        if input_ids.shape[1] != 1:
+            raise ValueError("the fused step takes one new token per row")
+        embedded = self._inner.embed_tokens(input_ids)
+        cos, sin = self._inner.rotary_emb(embedded, position_ids=position_ids)
+        hidden = embedded.reshape(rows, self._hidden).contiguous()
+        cos = cos.reshape(rows, self._head_dim).contiguous()
+        sin = sin.reshape(rows, self._head_dim).contiguous()
+        mask = attention_mask.to(torch.int64).contiguous()
+        length = mask.shape[1]
+        buffer = self._cache_buffer(cache, rows, length)
+        address = self._description.address
+        work = torch.empty(self._library.fused_step_work(address, rows, length),
+                           dtype=torch.float32)
+        final = torch.empty(rows, self._hidden, dtype=torch.float32)
+        logits = torch.empty(rows, self._vocab, dtype=torch.float32)
+        if self._library.fused_step(address, rows, hidden.data_ptr(), cos.data_ptr(),
+                                    sin.data_ptr(), mask.data_ptr(), length,
+                                    buffer.tensor.data_ptr(), buffer.capacity, work.data_ptr(),
+                                    final.data_ptr(), logits.data_ptr(), self._threads()):
+            raise RuntimeError(f"the fused decode step refused {rows} rows of "
+                               f"{length} positions")
+        buffer.publish(cache.layers, length)
+        return logits.view(rows, 1, self._vocab), final
+
+    def _cache_buffer(self, cache: Any, rows: int, length: int) -> _CacheBuffer:
+        """The buffer holding the cache's ``length - 1`` positions, with room for position
+        ``length - 1``: the one hung on the cache, or a new one copied from its layers."""
+        layers = cache.layers
+        held: _CacheBuffer | None = getattr(cache, "_fused_buffer", None)
+        if held is not None and held.holds(layers, rows, length):
+            return held
+        filled = layers[0].keys.shape[-2]
+        if len(layers) != self._layers or filled != length - 1:
+            raise ValueError(f"a cache of {filled} positions for a mask of {length}")
+        capacity = -(-(length + CACHE_ROOM) // CACHE_ROOM) * CACHE_ROOM
+        held = _CacheBuffer(torch.empty(self._layers, 2, rows, self._kv_heads, capacity,
+                                        self._head_dim, dtype=torch.float32))
+        for (keys, values), layer in zip(held.layers, layers, strict=True):
+            keys[:, :, :filled].copy_(layer.keys)
+            values[:, :, :filled].copy_(layer.values)
+        cache._fused_buffer = held
+        return held
+
+
+class _CacheBuffer:
+    """Every layer's keys and values in one tensor ``[layers, 2, rows, kv_heads, capacity,
+    head_dim]``, and the views of it that the cache's layers were last given."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.capacity = tensor.shape[4]
+        self.layers = [(tensor[index, 0], tensor[index, 1]) for index in range(tensor.shape[0])]
+        self.given: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def holds(self, layers: list[Any], rows: int, length: int) -> bool:
+        """Whether ``layers`` still hold this buffer's views and it has room for ``length``."""
+        return (self.tensor.shape[2] == rows and self.capacity >= length
+                and len(self.given) == len(layers)
+                and all(layer.keys is keys and layer.values is values
+                        for layer, (keys, values) in zip(layers, self.given, strict=True)))
+
+    def publish(self, layers: list[Any], length: int) -> None:
+        """Point every layer at its first ``length`` positions."""
+        self.given = []
+        for layer, (keys, values) in zip(layers, self.layers, strict=True):
+            layer.keys, layer.values = keys.narrow(2, 0, length), values.narrow(2, 0, length)
+            self.given.append((layer.keys, layer.values))

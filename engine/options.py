@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 Decode = Literal["auto", "dynamic", "static"]
-"""The single-job decode path (see :class:`~engine.Engine`)."""
+"""The decode path (see :class:`~engine.Engine`)."""
 Weights = Literal["pretrained", "random"]
 """Real weights, or the true architecture with seeded random weights (benchmarks)."""
 

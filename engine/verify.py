@@ -91,6 +91,7 @@ if TYPE_CHECKING:
     from engine.executor import Engine
     from engine.hardware import Device, HardwareInfo
     from engine.loading import LoadedModel
+    from engine.options import Decode
     from engine.pool import ModelPool
 
 Mode = Literal["integrity", "exact", "tolerant"]
@@ -339,7 +340,7 @@ class Verifier:
         self.require_weights = require_weights
         self.tolerances = tolerances or Tolerances()
         self._lent_engine = engine
-        self._engines: dict[tuple[str, str], Engine] = {}
+        self._engines: dict[tuple[str, str, str], Engine] = {}
         self._digests: dict[tuple[str, str, str], str] = {}
         self._lock = threading.Lock()
 
@@ -537,11 +538,16 @@ class Verifier:
     # ------------------------------------------------------------ exact
     def _engine_for(self, profile: ExecutionProfile) -> Engine:
         from engine.executor import Engine
+        from engine.loading import NATIVE
 
-        key = (profile.weights, profile.dtype)
+        # "auto" takes the path auto took for the result, but for a native result decoded
+        # with the model's own operators (decode "dynamic"), which auto takes with the fused step.
+        decode: Decode = ("dynamic" if profile.dtype == NATIVE and profile.decode == "dynamic-cache"
+                          else "auto")
+        key = (profile.weights, profile.dtype, decode)
         lent = self._lent_engine
         if (lent is not None and lent.weights == profile.weights and lent.batch_size == 1
-                and lent.dtype == profile.dtype):
+                and lent.dtype == profile.dtype and lent.decode == decode):
             return lent
         with self._lock:
             eng = self._engines.get(key)
@@ -549,7 +555,7 @@ class Verifier:
                 # Unbatched: an exact re-run must not share a step with other re-runs.
                 eng = Engine(self.registry, hardware=self.hardware, devices=[self.device_id],
                              pool=self.pool, weights=profile.weights, dtype=profile.dtype,
-                             batch_size=1)
+                             batch_size=1, decode=decode)
                 self._engines[key] = eng
         return eng
 

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # torch-heavy modules: imported where a work runs, not by `im
 log = logging.getLogger(__name__)
 
 # Decode (engine.options): "auto" is the static-cache path (graphs on CUDA) for single jobs
-# on one GPU, the dynamic-cache loop everywhere else (on the CPU the static cache does not pay).
+# on one GPU, the dynamic-cache loop everywhere else (on the CPU the static cache does not pay),
+# whose steps a native model takes with its fused C step; "dynamic" keeps the forward's floats.
 
 
 @dataclass(eq=False)
@@ -237,7 +238,8 @@ class GenerationWork(Work):
         super().begin(runner)
         loaded = self.loaded
         assert loaded is not None
-        self._batch = DecodeBatch(loaded)
+        # "dynamic" asks for the forward's floats: no fused step.
+        self._batch = DecodeBatch(loaded, fused=self.ctx.decode != "dynamic")
         self._admitting = list(self.items)
         if len(self.items) == 1 and self._wants_static(loaded):
             self._begin_static(self.items[0])
@@ -257,7 +259,7 @@ class GenerationWork(Work):
                 record.work = {self._by_request[r].item: 1.0 for r in rows}
                 ended = batch.step()
                 self._bill_commitments(record, ended)
-            self._finish(ended, "dynamic-cache")
+            self._finish(ended, batch.decode_name)
         if len(batch) and batch.mergeable:
             free = self.ctx.batch_size - len(batch)
             tickets = self.ctx.scheduler.join(self.spec.name, self.assignment.devices, free)
@@ -308,7 +310,7 @@ class GenerationWork(Work):
             record.work = {self._by_request[r].item: float(len(r.prompt_ids)) for r in joining}
             ended = batch.add(joining)
             self._bill_commitments(record, ended)
-        self._finish(ended, "dynamic-cache")
+        self._finish(ended, batch.decode_name)
 
     def _bill_commitments(self, record: StepRecord,
                           ended: list[tuple[GenerationRequest, Outcome]]) -> None:

@@ -1,9 +1,11 @@
 """The native CPU dtype: SmolLM2's GGUF computed on its own quantized blocks.
 
 What it must keep: the float32 path's floats exactly (so its tokens and result
-hashes), the registry default with ``--dtype float32`` still choosing today's
-path, one copy of the weights, a clear error or a logged fallback where the
-blocks cannot be used, and the kernel rules of the integrity issue.
+hashes) where it decodes with the model's operators (``decode="dynamic"``; the
+fused step of tests/test_fused_step.py has floats of its own), the registry
+default with ``--dtype float32`` still choosing today's path, one copy of the
+weights, a clear error or a logged fallback where the blocks cannot be used, and
+the kernel rules of the integrity issue.
 """
 
 from __future__ import annotations
@@ -116,10 +118,11 @@ def _jobs() -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_native_results_equal_float32_results_token_for_token(blocks_here: None) -> None:
-    """Same floats, so the same tokens and hashes: alone, and in a batch of four."""
+    """Same floats, so the same tokens and hashes: alone, and in a batch of four (decode
+    dynamic: the model's own operators between the products, not the fused step)."""
     results: dict[str, list[Any]] = {}
     for dtype in ("native", "float32"):
-        with Engine(devices=["cpu"], dtype=dtype) as engine:
+        with Engine(devices=["cpu"], dtype=dtype, decode="dynamic") as engine:
             alone = [engine.run(job) for job in _jobs()]
             handles = [engine.submit(job) for job in _jobs()]
             batched = [handle.result(timeout=300) for handle in handles]

@@ -4,9 +4,11 @@ SmolLM2 only has Q4_1 and Q8_0. Here tiny GGUFs mix the five block formats (Q4_0
 Q8_0, Q4_K, Q6_K) with formats the block kernel leaves to the float32 kernel (F32, F16,
 Q5_0, Q5_K), with a tied and an untied head, a block-format and a float embedding. For
 each, the ``native`` model must compute the float32 path's floats exactly (the same
-logits bit for bit, so the same tokens and result hashes, alone and batched), hold far
+logits bit for bit, so with ``decode="dynamic"`` the same tokens and result hashes, alone
+and batched), hold far
 less memory, and a GGUF of another family must be refused by name and fall back to
-float32 by default.
+float32 by default. Where every projection and the head are blocks, the fused C decode
+step must follow the forward within rounding and keep batched results equal to alone ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from gguf_tiny import (
     DEFAULT_FORMATS,
     F16,
     F32,
+    LAYERS,
+    LINEAR_ROLES,
     Q4_0,
     Q4_1,
     Q4_K,
@@ -38,6 +42,7 @@ from gguf_tiny import (
     make_tiny_llama_gguf,
     tensor_format,
 )
+from transformers import DynamicCache
 
 from engine import Engine, loading
 from engine.errors import DeviceError, WeightsUnavailableError
@@ -46,6 +51,8 @@ from engine.kernels import BLOCK_KERNEL_NAME, KERNEL_NAME
 from engine.kernels.blocks import BlockEmbedding, BlockLinear
 from engine.kernels.rowgemm import kernel_status
 from engine.loading import LoadedModel, load_model, resolve_dtype_name
+from engine.native_step import FusedDecodeStep
+from engine.options import Decode
 from engine.pool import ModelPool
 from engine.registry import Registry
 
@@ -131,14 +138,15 @@ def _jobs(model: str) -> list[dict[str, Any]]:
     ]
 
 
-def _run_all(registry: Registry, model: str, dtype: str) -> list[Any]:
+def _run_all(registry: Registry, model: str, dtype: str, decode: Decode = "auto") -> list[Any]:
     """The jobs one after another, then the same four submitted together (so they batch);
     the two engines share one pool, so the model loads once."""
     pool = ModelPool()
-    with Engine(registry, devices=["cpu"], dtype=dtype, pool=pool, job_timeout=120) as engine:
+    with Engine(registry, devices=["cpu"], dtype=dtype, pool=pool, job_timeout=120,
+                decode=decode) as engine:
         alone = [engine.run(job) for job in _jobs(model)]
     with Engine(registry, devices=["cpu"], dtype=dtype, pool=pool, batch_size=4,
-                batch_window_seconds=0.5, job_timeout=120) as engine:
+                batch_window_seconds=0.5, job_timeout=120, decode=decode) as engine:
         handles = [engine.submit(job) for job in _jobs(model)]
         together = [handle.result(timeout=120) for handle in handles]
     pool.evict()
@@ -150,7 +158,7 @@ def _run_all(registry: Registry, model: str, dtype: str) -> list[Any]:
 def test_native_jobs_equal_float32_jobs_hash_for_hash(
         variant: str, registry: Registry, engine_cache: Path, blocks_here: None) -> None:
     model = _name(variant)
-    native = _run_all(registry, model, "native")
+    native = _run_all(registry, model, "native", decode="dynamic")  # the forward's floats
     fp32 = _run_all(registry, model, "float32")
     for job, (a, b) in enumerate(zip(native, fp32, strict=True)):
         assert a.ok and b.ok, (a.error, b.error)
@@ -158,6 +166,7 @@ def test_native_jobs_equal_float32_jobs_hash_for_hash(
         assert a.output.commitment == b.output.commitment, f"job {job}: commitments differ"
         assert a.result_hash == b.result_hash, f"job {job}: hashes differ"
         assert (a.profile.dtype, a.profile.linear_kernel) == ("native", BLOCK_KERNEL_NAME)
+        assert a.profile.decode == b.profile.decode == "dynamic-cache"
         assert (b.profile.dtype, b.profile.linear_kernel) == ("float32", KERNEL_NAME)
         assert a.profile.weights_digest == b.profile.weights_digest
     # The four submitted together decoded together, on both paths.
@@ -225,6 +234,58 @@ def test_native_logits_equal_float32_logits_bit_for_bit(
     for a, b in zip(_logits(native, PROMPTS), _logits(fp32, PROMPTS), strict=True):
         assert torch.isfinite(b).all()
         assert torch.equal(a, b), f"logits differ by up to {(a - b).abs().max().item():.3g}"
+
+
+def _all_blocks(variant: str) -> bool:
+    """Whether every projection and the head of a variant are in a block format."""
+    formats, tied = VARIANTS[variant]
+    head = "token_embd.weight" if tied else "output.weight"
+    return all(tensor_format(f"blk.{i}.{role}.weight", formats) in BLOCK_FORMATS
+               for i in range(LAYERS) for role in LINEAR_ROLES) and \
+        tensor_format(head, formats) in BLOCK_FORMATS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_fused_step_computes_on_every_block_format(
+        variant: str, registry: Registry, engine_cache: Path, blocks_here: None) -> None:
+    """Where every projection and the head are blocks (fused or, in mixed formats, as
+    separate parts), decode auto takes the fused step: its logits follow the forward's
+    within rounding and a batched job's result is its result alone. Elsewhere the decode
+    keeps the forward's operators and says so."""
+    model = _name(variant)
+    native = load_model(registry.get(model), [discover().cpu], dtype="native")
+    results = _run_all(registry, model, "native")
+    assert all(r.ok for r in results), [r.error for r in results]
+    if not _all_blocks(variant):
+        assert native.fused_step is None
+        assert {r.profile.decode for r in results} == {"dynamic-cache"}
+        return
+    assert isinstance(native.fused_step, FusedDecodeStep)
+    assert {r.profile.decode for r in results} == {"fused-step/1"}
+    for alone, batched in zip(results[:4], results[4:], strict=True):
+        assert alone.result_hash == batched.result_hash
+    tokenizer, forward = native.tokenizer, native.model
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(PROMPTS), return_tensors="pt", padding=True)
+    mask = batch.attention_mask
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [DynamicCache(config=forward.config), DynamicCache(config=forward.config)]
+    with torch.inference_mode():
+        for cache in caches:
+            token = forward(input_ids=batch.input_ids, attention_mask=mask,
+                            position_ids=position, use_cache=True,
+                            cache=cache).logits[:, -1:].argmax(-1)
+        position = position[:, -1:]
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            position = position + 1
+            expected = forward(input_ids=token, attention_mask=mask, position_ids=position,
+                               use_cache=True, cache=caches[0]).logits
+            got = native.fused_step(token, mask, position, caches[1])
+            spread = expected.abs().max().item()
+            assert (got - expected).abs().max().item() < 1e-4 * spread
+            token = expected[:, -1:].argmax(-1)
 
 
 @pytest.mark.slow

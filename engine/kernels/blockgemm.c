@@ -310,21 +310,16 @@ static int blockgemm(int kind, int half, ptrdiff_t group, ptrdiff_t m_len, ptrdi
     return 0;
 }
 
-/* A weight as the caller binds it once (engine/kernels/blocks.py), so that a product
-   passes five arguments instead of thirteen. */
-typedef struct {
-    int32_t kind, half;
-    ptrdiff_t group, n_len, k_len;
-    const uint8_t *blocks;
-    const float *bias;
-} bound_weight;
-
-/* y = x . W^T (+ bias) for m_len contiguous rows of x (k_len floats each) into
-   m_len contiguous rows of y (n_len floats each). */
 int blockgemm_bound(const bound_weight *w, ptrdiff_t m_len, const float *x, float *y,
                     int threads) {
     return blockgemm(w->kind, w->half, w->group, m_len, w->n_len, w->k_len, x, w->k_len,
                      w->blocks, w->bias, y, w->n_len, threads);
+}
+
+int blockgemm_into(const bound_weight *w, ptrdiff_t m_len, const float *x, float *y,
+                   ptrdiff_t ldy, int threads) {
+    return blockgemm(w->kind, w->half, w->group, m_len, w->n_len, w->k_len, x, w->k_len,
+                     w->blocks, w->bias, y, ldy, threads);
 }
 
 /* The float32 values of weight rows (outputs) `rows[0..count)` into out[count][k_len]:

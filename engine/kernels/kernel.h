@@ -56,4 +56,39 @@ void pool_run(unit_fn run, const void *task, long units, int threads);
    late thread leaves little behind, large enough to pay for taking one. */
 long pool_units(long panels, int threads);
 
+/* Denormal inputs and results are taken as zero (the MXCSR's DAZ and FTZ bits) while
+   units run: on x86 every arithmetic step that meets a denormal otherwise takes a
+   slow microcode path, and a few prompts drive activations that low. */
+#if defined(__x86_64__) || defined(__i386__)
+#define FLUSH_DENORMALS 0x8040u
+static inline unsigned enter_flush(void) {
+    unsigned saved = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(saved | FLUSH_DENORMALS);
+    return saved;
+}
+static inline void leave_flush(unsigned saved) { __builtin_ia32_ldmxcsr(saved); }
+#else
+static inline unsigned enter_flush(void) { return 0; }
+static inline void leave_flush(unsigned saved) { (void)saved; }
+#endif
+
+/* A weight kept as blocks (blockgemm.c's layout), as the caller binds it once
+   (engine/kernels/blocks.py), so that a product passes five arguments, not thirteen. */
+typedef struct {
+    int32_t kind, half;
+    ptrdiff_t group, n_len, k_len;
+    const uint8_t *blocks;
+    const float *bias;
+} bound_weight;
+
+/* y = x . W^T (+ bias) for m_len contiguous rows of x (k_len floats each) into
+   m_len contiguous rows of y (n_len floats each). Returns 0, or -1 when the weight
+   describes no layout. */
+int blockgemm_bound(const bound_weight *w, ptrdiff_t m_len, const float *x, float *y,
+                    int threads);
+
+/* The same product into rows of y that are ldy floats apart (a part of a wider row). */
+int blockgemm_into(const bound_weight *w, ptrdiff_t m_len, const float *x, float *y,
+                   ptrdiff_t ldy, int threads);
+
 #endif

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 # The C files compiled together into the one library, and the header they share.
-SOURCES = tuple(_HERE / name for name in ("pool.c", "rowgemm.c", "blockgemm.c"))
+SOURCES = tuple(_HERE / name for name in ("pool.c", "rowgemm.c", "blockgemm.c", "decoder.c"))
 HEADERS = (_HERE / "kernel.h",)
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-pthread",
          "-shared", "-fPIC")

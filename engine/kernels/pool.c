@@ -57,21 +57,6 @@ static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_up = PTHREAD_COND_INITIALIZER;
 static int fork_handler_set;
 
-/* Denormal inputs and results are taken as zero (the MXCSR's DAZ and FTZ bits) while
-   units run: on x86 every arithmetic step that meets a denormal otherwise takes a
-   slow microcode path, and a few prompts drive activations that low. */
-#if defined(__x86_64__) || defined(__i386__)
-#define FLUSH_DENORMALS 0x8040u
-static inline unsigned enter_flush(void) {
-    unsigned saved = __builtin_ia32_stmxcsr();
-    __builtin_ia32_ldmxcsr(saved | FLUSH_DENORMALS);
-    return saved;
-}
-static inline void leave_flush(unsigned saved) { __builtin_ia32_ldmxcsr(saved); }
-#else
-static inline unsigned enter_flush(void) { return 0; }
-static inline void leave_flush(unsigned saved) { (void)saved; }
-#endif
 
 static inline void relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

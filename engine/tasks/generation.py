@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.commitment import compute_commitment
+from engine.commitment import DEFAULT_STRIDE, commit_selected, compute_commitment
 from engine.errors import ContextLengthError, InvalidJobError, JobCancelledError, JobTimeoutError
 from engine.hashing import effective_seed
 from engine.jobs import GenerationOutput, GenerationParams, Job, TokenLogprob, TopLogprob
@@ -123,6 +123,9 @@ class GenerationRequest:
     cancelled: Callable[[], bool] = lambda: False
     prompt_ids: list[int] = field(default_factory=list)
     on_token: TokenCallback | None = None  # called on the decode thread after each token
+    # True when the decode keeps the committed hidden rows itself (the fused step): the
+    # commitment then needs no teacher-forced pass.
+    decode_commits: bool = False
 
 
 @dataclass
@@ -138,6 +141,9 @@ class Row:
     error: Exception | None = None
     logprobs: list[TokenLogprob] | None = None
     stream: TextStream | None = None
+    # The last hidden states that produced tokens 0, s, 2s, ... as the decode computed
+    # them, when it keeps them (GenerationRequest.decode_commits); else None.
+    committed: list[torch.Tensor] | None = None
 
     @classmethod
     def start(cls, loaded: LoadedModel, request: GenerationRequest) -> Row:
@@ -186,7 +192,7 @@ class Row:
             if self.request.window is not None:
                 self.request.window.finalizing()
             try:
-                commitment = compute_commitment(loaded, self.request.prompt_ids, self.generated)
+                commitment = self._commitment(loaded)
             except Exception as exc:  # the job fails (typed by the work), its batch mates go on
                 output = exc
             else:
@@ -198,10 +204,23 @@ class Row:
         return output
 
 
+    def _commitment(self, loaded: LoadedModel) -> str:
+        """The activation commitment: of the rows the decode kept, else by a teacher-forced
+        pass (engine.commitment)."""
+        kept = self.committed
+        if kept and len(kept) == -(-len(self.generated) // DEFAULT_STRIDE):
+            import torch
+
+            return commit_selected(torch.stack(kept)).encode()
+        return compute_commitment(loaded, self.request.prompt_ids, self.generated)
+
+
 def commitment_work(request: GenerationRequest, outcome: Outcome) -> float:
     """Tokens of work of an ended job's commitment pass: its prompt and generated tokens
-    less one (0 for a job that failed), for the ledger's share of the step it ended in."""
-    if not isinstance(outcome, GenerationOutput) or not outcome.token_ids:
+    less one (0 for a job that failed, or whose decode kept its committed rows), for the
+    ledger's share of the step it ended in."""
+    if (not isinstance(outcome, GenerationOutput) or not outcome.token_ids
+            or request.decode_commits):
         return 0.0
     return float(len(request.prompt_ids) + len(outcome.token_ids) - 1)
 
@@ -366,10 +385,18 @@ class DecodeBatch:
     depend on its batch mates beyond floating-point rounding.
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, *, fused: bool = True):
         from transformers import DynamicCache
 
         self.loaded = loaded
+        # The decode step: the fused C step where the model has one and ``fused`` allows,
+        # else the lean step (the forward's floats), else the model's forward.
+        self._decode_step = (loaded.fused_step if fused and loaded.fused_step is not None
+                             else loaded.decode_step)
+        # What results of this batch name as their profile's ``decode``.
+        self.decode_name: str = getattr(self._decode_step, "name", "dynamic-cache")
+        # The fused step also gives the last hidden states: rows keep their committed ones.
+        self._commits = self._decode_step is not None and hasattr(self._decode_step, "step")
         self._model = loaded.model
         self._device = loaded.input_device
         self._eos = loaded.eos_token_ids()
@@ -422,8 +449,14 @@ class DecodeBatch:
         cache = self._new_cache()
         with torch.inference_mode():
             out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=True, **{self._cache_arg: cache}, **self._last_only)
-        chosen = self._choose(rows, out.logits[:, -1, :].float())
+                              use_cache=True, output_hidden_states=self._commits,
+                              **{self._cache_arg: cache}, **self._last_only)
+        hidden = None
+        if self._commits:
+            hidden = out.hidden_states[-1][:, -1, :]
+            for row in rows:
+                row.committed, row.request.decode_commits = [], True
+        chosen = self._choose(rows, out.logits[:, -1, :].float(), hidden)
         self._merge(rows, cache, mask, positions[:, -1:], chosen)
         return ended + self._drop_finished()
 
@@ -435,15 +468,19 @@ class DecodeBatch:
                                   device=self._device).unsqueeze(-1)
         self._mask = torch.cat([self._mask, torch.ones_like(step_input)], dim=-1)
         self._positions = self._positions + 1
+        hidden = None
         with torch.inference_mode():
-            if self.loaded.decode_step is not None:  # same floats, less machinery
-                logits = self.loaded.decode_step(step_input, self._mask, self._positions,
-                                                 self._cache)
+            if self._commits:
+                logits, hidden = self._decode_step.step(step_input, self._mask,
+                                                        self._positions, self._cache)
+            elif self._decode_step is not None:
+                logits = self._decode_step(step_input, self._mask, self._positions,
+                                           self._cache)
             else:
                 logits = self._model(input_ids=step_input, attention_mask=self._mask,
                                      position_ids=self._positions, use_cache=True,
                                      **{self._cache_arg: self._cache}).logits
-        self._pending = self._choose(self.rows, logits[:, -1, :].float())
+        self._pending = self._choose(self.rows, logits[:, -1, :].float(), hidden)
         return self._drop_finished()
 
     def abort(self) -> list[GenerationRequest]:
@@ -456,8 +493,13 @@ class DecodeBatch:
         return held
 
     # ------------------------------------------------------------ internals
-    def _choose(self, rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
+    def _choose(self, rows: Sequence[Row], logits: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> list[int]:
         tokenizer = self.loaded.tokenizer
+        if hidden is not None:  # rows keep the last hidden state of each committed token
+            for j, row in enumerate(rows):
+                if row.committed is not None and len(row.generated) % DEFAULT_STRIDE == 0:
+                    row.committed.append(hidden[j].clone())
         chosen = [row.choose(logits[j], tokenizer) for j, row in enumerate(rows)]
         for row, token in zip(rows, chosen, strict=True):
             row.take(token, tokenizer, self._eos)

@@ -1,0 +1,247 @@
+/* The engine's own decode step of a LLaMA model kept in quantized blocks.
+ *
+ * One call computes a whole decode step (one new token per row) for every
+ * layer: RMS norm, the query/key/value products, rotary embedding, the KV
+ * cache write, attention over the row's own cache, the output product and
+ * residual, RMS norm, the gate/up products, SiLU times up, the down
+ * product and residual; then the final norm and the output head. The products
+ * are blockgemm.c's; everything between them is defined here, so the step's
+ * floats are the engine's (they differ from transformers' operators in the
+ * last bits) and the execution profile names this step ("fused-step/1"). Any
+ * change to the arithmetic below needs a new step version.
+ *
+ * Every number of a row is computed from that row alone, in a fixed order:
+ *   - sums of squares, dot products and lane reductions take 16-lane vectors
+ *     in index order, then the 16 lanes in order, then any tail in order;
+ *   - attention visits the row's unmasked cache positions in ascending order
+ *     (padding is skipped, not weighted by zero), so a left-padded row in a
+ *     batch computes exactly what it computes alone;
+ *   - exp is the polynomial below, not the C library's (whose last bit may
+ *     change between library versions).
+ * The rotary tables (cos, sin) come from the caller, which builds them with
+ * the model's own rotary module, so every rope scaling that module knows
+ * works here.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kernel.h"
+
+/* One decoder layer: its products and its two norm weights (`hidden` floats). The
+   products that share an input are given as parts laid end to end in one output row:
+   query | key | value in one to three parts, gate | up in one or two (one where the
+   loader fused them into one weight). */
+typedef struct {
+    const bound_weight *attention_in[3], *mlp_in[2], *o, *down;
+    int32_t attention_parts, mlp_parts;
+    const float *input_norm, *post_norm;
+} step_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scaling;
+    const float *final_norm;
+    const bound_weight *head;
+    const step_layer *layer;
+} step_model;
+
+/* ------------------------------------------------------------ arithmetic */
+
+static inline float lanes_sum(vec16 v) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+static float dot(const float *a, const float *b, ptrdiff_t n) {
+    vec16 acc = (vec16){0};
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        acc += *(const vec16_unaligned *)(a + i) * *(const vec16_unaligned *)(b + i);
+    float s = lanes_sum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* e^x to about one unit in the last place; 0 below -87.3 (where it would be denormal). */
+static inline float exp_fixed(float x) {
+    if (x < -87.3f) return 0.0f;
+    if (x > 88.7f) x = 88.7f;
+    float n = __builtin_rintf(x * 1.44269504089f);
+    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* y = weight * (x / sqrt(mean(x^2) + eps)), one row. */
+static void rms_norm(const float *x, const float *weight, ptrdiff_t n, float eps, float *y) {
+    float inverse = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (ptrdiff_t i = 0; i < n; i++) y[i] = weight[i] * (x[i] * inverse);
+}
+
+/* Rotary embedding of one head vector in place: the halves rotate against each other. */
+static void rotate(float *x, const float *cos, const float *sin, ptrdiff_t dim) {
+    ptrdiff_t half = dim / 2;
+    for (ptrdiff_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* The residual add, row by row (so an element's code path never depends on the rows). */
+static void add_rows(float *hidden, const float *update, ptrdiff_t rows, ptrdiff_t n) {
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t i = 0; i < n; i++) hidden[r * n + i] = hidden[r * n + i] + update[r * n + i];
+}
+
+/* The parts of a product with one input, each into its columns of rows `width` wide. */
+static int project(const bound_weight *const *parts, int32_t count, ptrdiff_t rows,
+                   const float *x, float *y, ptrdiff_t width, int threads) {
+    int failed = 0;
+    ptrdiff_t offset = 0;
+    for (int32_t i = 0; i < count; i++) {
+        failed |= blockgemm_into(parts[i], rows, x, y + offset, width, threads);
+        offset += parts[i]->n_len;
+    }
+    return failed || offset != width;
+}
+
+/* ------------------------------------------------------------ attention */
+
+typedef struct {
+    const step_model *m;
+    ptrdiff_t rows, length, capacity;
+    const float *qkv;         /* [rows][q | k | v], the queries rotated */
+    const float *keys, *values;  /* this layer's cache: [rows][kv_heads][capacity][head_dim] */
+    const int64_t *mask;      /* [rows][length], nonzero where a position is the row's */
+    float *scores;            /* [rows * heads][length] */
+    float *out;               /* [rows][heads * head_dim] */
+} attention_task;
+
+/* One unit: one (row, head). Scores over the row's positions in order, their softmax
+   with the fixed exp, and the weighted sum of values in the same order. */
+static void attention_unit(const void *task, long unit) {
+    const attention_task *t = task;
+    const step_model *m = t->m;
+    ptrdiff_t hd = m->head_dim, row = unit / m->heads, head = unit % m->heads;
+    ptrdiff_t kv = head / (m->heads / m->kv_heads);
+    ptrdiff_t width = (ptrdiff_t)(m->heads + 2 * m->kv_heads) * hd;
+    const float *q = t->qkv + row * width + head * hd;
+    ptrdiff_t base = (row * m->kv_heads + kv) * t->capacity * hd;
+    const float *keys = t->keys + base, *values = t->values + base;
+    const int64_t *mask = t->mask + row * t->length;
+    float *scores = t->scores + unit * t->length;
+    float top = -INFINITY;
+    for (ptrdiff_t j = 0; j < t->length; j++) {
+        if (!mask[j]) continue;
+        float s = dot(q, keys + j * hd, hd) * m->scaling;
+        scores[j] = s;
+        if (s > top) top = s;
+    }
+    float total = 0.0f;
+    for (ptrdiff_t j = 0; j < t->length; j++) {
+        if (!mask[j]) continue;
+        scores[j] = exp_fixed(scores[j] - top);
+        total += scores[j];
+    }
+    float *out = t->out + row * (ptrdiff_t)m->heads * hd + head * hd;
+    for (ptrdiff_t d0 = 0; d0 < hd; d0 += 16) {
+        vec16 acc = (vec16){0};
+        for (ptrdiff_t j = 0; j < t->length; j++)
+            if (mask[j]) acc += scores[j] * *(const vec16_unaligned *)(values + j * hd + d0);
+        *(vec16_unaligned *)(out + d0) = acc / total;
+    }
+}
+
+/* ------------------------------------------------------------ the step */
+
+/* Floats of work space fused_step needs for `rows` rows and a cache `length` long. */
+ptrdiff_t fused_step_work(const step_model *m, ptrdiff_t rows, ptrdiff_t length) {
+    ptrdiff_t h = m->hidden, qkv = (ptrdiff_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
+    ptrdiff_t per_row = h + qkv + (ptrdiff_t)m->heads * m->head_dim + h
+                        + 2 * (ptrdiff_t)m->intermediate + m->intermediate;
+    return rows * per_row + rows * m->heads * length;
+}
+
+/* One decode step for `rows` rows.
+ *   hidden: [rows][hidden], the new tokens' embeddings (overwritten);
+ *   cos, sin: [rows][head_dim], the rotary tables at each row's new position;
+ *   mask: [rows][length], the new token's position is length - 1 for every row;
+ *   cache: [layers][2][rows][kv_heads][capacity][head_dim], positions < length - 1
+ *          filled; the step writes each layer's key and value at length - 1;
+ *   work: fused_step_work(...) floats;
+ *   final: [rows][hidden], the final norm's output (what the head multiplies);
+ *   logits: [rows][head's outputs].
+ * Returns 0, or -1 when the shapes do not fit (nothing computed). */
+int fused_step(const step_model *m, ptrdiff_t rows, float *hidden, const float *cos,
+               const float *sin, const int64_t *mask, ptrdiff_t length, float *cache,
+               ptrdiff_t capacity, float *work, float *final, float *logits, int threads) {
+    ptrdiff_t h = m->hidden, hd = m->head_dim, inter = m->intermediate;
+    if (rows <= 0 || length <= 0 || length > capacity || hd % 16 || hd % 2
+        || m->kv_heads <= 0 || m->heads % m->kv_heads)
+        return -1;
+    ptrdiff_t q_width = (ptrdiff_t)m->heads * hd, kv_width = (ptrdiff_t)m->kv_heads * hd;
+    ptrdiff_t qkv_width = q_width + 2 * kv_width;
+    float *normed = work, *qkv = normed + rows * h, *attended = qkv + rows * qkv_width;
+    float *projected = attended + rows * q_width, *gate_up = projected + rows * h;
+    float *act = gate_up + rows * 2 * inter, *scores = act + rows * inter;
+    ptrdiff_t slab = rows * kv_width * capacity;  /* one layer's keys (or values) */
+    unsigned saved = enter_flush();
+    int failed = 0;
+    for (int32_t index = 0; index < m->layers && !failed; index++) {
+        const step_layer *layer = &m->layer[index];
+        float *keys = cache + (ptrdiff_t)index * 2 * slab, *values = keys + slab;
+        for (ptrdiff_t r = 0; r < rows; r++)
+            rms_norm(hidden + r * h, layer->input_norm, h, m->eps, normed + r * h);
+        failed |= project(layer->attention_in, layer->attention_parts, rows, normed, qkv,
+                          qkv_width, threads);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            float *row = qkv + r * qkv_width;
+            const float *c = cos + r * hd, *s = sin + r * hd;
+            for (int32_t head = 0; head < m->heads; head++) rotate(row + head * hd, c, s, hd);
+            for (int32_t kv = 0; kv < m->kv_heads; kv++) {
+                ptrdiff_t at = ((r * m->kv_heads + kv) * capacity + length - 1) * hd;
+                float *key = row + q_width + kv * hd;
+                rotate(key, c, s, hd);
+                memcpy(keys + at, key, (size_t)hd * sizeof(float));
+                memcpy(values + at, row + q_width + kv_width + kv * hd,
+                       (size_t)hd * sizeof(float));
+            }
+        }
+        attention_task task = {m, rows, length, capacity, qkv, keys, values, mask, scores,
+                               attended};
+        pool_run(attention_unit, &task, rows * m->heads, threads);
+        failed |= blockgemm_bound(layer->o, rows, attended, projected, threads);
+        add_rows(hidden, projected, rows, h);
+        for (ptrdiff_t r = 0; r < rows; r++)
+            rms_norm(hidden + r * h, layer->post_norm, h, m->eps, normed + r * h);
+        failed |= project(layer->mlp_in, layer->mlp_parts, rows, normed, gate_up, 2 * inter,
+                          threads);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *gate = gate_up + r * 2 * inter, *up = gate + inter;
+            float *a = act + r * inter;
+            for (ptrdiff_t i = 0; i < inter; i++)
+                a[i] = gate[i] / (1.0f + exp_fixed(-gate[i])) * up[i];
+        }
+        failed |= blockgemm_bound(layer->down, rows, act, projected, threads);
+        add_rows(hidden, projected, rows, h);
+    }
+    if (!failed) {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            rms_norm(hidden + r * h, m->final_norm, h, m->eps, final + r * h);
+        failed |= blockgemm_bound(m->head, rows, final, logits, threads);
+    }
+    leave_flush(saved);
+    return failed ? -1 : 0;
+}
