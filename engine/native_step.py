@@ -25,6 +25,8 @@ the model's forward.
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 from typing import Any
 
 import torch
@@ -42,7 +44,10 @@ CACHE_ROOM = 32
 def fuse_projections(layers: list[BlockLinear]) -> tuple[BlockLinear, list[int]] | None:
     """One layer computing ``layers`` (same input, same block format) as a single product,
     and each one's output width; the layers are re-pointed at views of the fused blocks.
-    None when they cannot be fused (formats differ, or a part is not whole panels)."""
+    None when they cannot be fused (formats differ, a part is not whole panels, or has a
+    bias)."""
+    if any(layer.padded_bias is not None for layer in layers):
+        return None  # the fused product has no bias: each keeps its own
     weights = [layer.weight_blocks for layer in layers]
     first = weights[0]
     if any((w.kind, w.half, w.group, w.columns) != (first.kind, first.half, first.group,
@@ -171,6 +176,8 @@ class FusedDecodeStep:
         model, config = lean._model, lean._config
         if getattr(config, "hidden_act", None) != "silu":
             raise ValueError(f"activation {getattr(config, 'hidden_act', None)!r}, not silu")
+        if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("rotary embedding on part of each head")
         if not isinstance(model.lm_head, BlockLinear):
             raise ValueError("the output head is not kept as blocks")
         layers = lean._layers
@@ -251,17 +258,31 @@ class FusedDecodeStep:
         held: _CacheBuffer | None = getattr(cache, "_fused_buffer", None)
         if held is not None and held.holds(layers, rows, length):
             return held
+        # Let go of the old buffer before making the new one: the layers hold their own
+        # tensors now (rows left or joined), so the two need not be alive at once.
+        cache._fused_buffer = held = None
         filled = layers[0].keys.shape[-2]
         if len(layers) != self._layers or filled != length - 1:
             raise ValueError(f"a cache of {filled} positions for a mask of {length}")
         capacity = -(-(length + CACHE_ROOM) // CACHE_ROOM) * CACHE_ROOM
-        held = _CacheBuffer(torch.empty(self._layers, 2, rows, self._kv_heads, capacity,
-                                        self._head_dim, dtype=torch.float32))
+        held = _CacheBuffer(_mapped_floats(
+            (self._layers, 2, rows, self._kv_heads, capacity, self._head_dim)))
         for (keys, values), layer in zip(held.layers, layers, strict=True):
             keys[:, :, :filled].copy_(layer.keys)
             values[:, :, :filled].copy_(layer.values)
         cache._fused_buffer = held
         return held
+
+
+def _mapped_floats(shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed float32 tensor in its own anonymous mapping. The buffer is made and dropped
+    as rows come and go; through malloc, buffers of tens of MB end up in the heap (glibc
+    raises its mapping threshold after the first is freed) and the process keeps their
+    pages. A mapping of its own goes back to the system when the tensor does, and its
+    spare room takes no memory until a step writes there."""
+    count = math.prod(shape)
+    region = mmap.mmap(-1, max(count, 1) * 4)
+    return torch.frombuffer(region, dtype=torch.float32, count=count).view(shape)
 
 
 class _CacheBuffer:

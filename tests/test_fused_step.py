@@ -224,3 +224,27 @@ def test_the_decodes_own_rows_commit_like_the_teacher_forced_pass(loaded: Loaded
     prompt = encode_prompt(loaded, parse_job(job))
     assert result.output.commitment == compute_commitment(loaded, prompt,
                                                           result.output.token_ids)
+
+
+@pytest.mark.parametrize("bias_on", [None, 1])
+def test_projections_with_a_bias_are_not_fused_and_keep_it(bias_on: int | None) -> None:
+    """A fused product carries no bias: projections of which one has a bias stay separate
+    parts (each adding its own), and either way the parts give each projection's output."""
+    from engine.kernels.blocks import Q8_0, BlockLinear, pack_blocks, random_blocks
+    from engine.kernels.rowgemm import block_kernel, kernel_threads
+    from engine.native_step import SharedInput
+
+    kernel = block_kernel()
+    if kernel is None:
+        pytest.skip("no block kernel here")
+    layers = [BlockLinear(pack_blocks(Q8_0, random_blocks(Q8_0, rows, 64, seed=rows), rows, 64),
+                          torch.randn(rows) if index == bias_on else None, kernel,
+                          kernel_threads)
+              for index, rows in enumerate((64, 32, 32))]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    expected = [layer(x) for layer in layers]
+    shared = SharedInput(layers)
+    assert len(shared.parts) == (1 if bias_on is None else 3)
+    for got, want, layer in zip(shared(x), expected, layers, strict=True):
+        assert torch.equal(got, want)
+        assert torch.equal(layer(x), want)  # the layers still compute alone (views if fused)
