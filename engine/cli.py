@@ -132,7 +132,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"torch's BLAS ({kernel['reason']})"), markup=False)
     blocks = kernel["blocks"]
     console.print("GGUF models (dtype native): " + (
-        f"computed on their quantized blocks ({', '.join(blocks['formats'])})"
+        f"computed on their quantized blocks ({', '.join(blocks['formats'])}), LLaMA "
+        f"decode steps in the engine's fused step (decode {blocks['decode_step']}; "
+        "--decode dynamic: the model's operators)"
         if kernel["in_use"] and blocks["available"] else
         "de-quantized to float32 (AITBC_ENGINE_LINEAR=blas)" if blocks["available"] else
         f"de-quantized to float32 ({blocks['reason'] if kernel['available'] else kernel['reason']})"

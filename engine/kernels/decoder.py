@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from engine.kernels import FUSED_STEP_NAME
+
 __all__ = ["STEP_VERSION", "StepLayerWeights", "bind_decoder", "describe_model"]
 
-# The execution profile's ``decode`` for this step; a change to decoder.c's arithmetic
-# needs a new version, since results hashed under one cannot be reproduced under another.
-STEP_VERSION = "fused-step/1"
+STEP_VERSION = FUSED_STEP_NAME  # the profile's ``decode`` for this step
 
 
 class _StepLayer(ctypes.Structure):
