@@ -62,7 +62,7 @@ def fuse_projections(layers: list[BlockLinear]) -> tuple[BlockLinear, list[int]]
         layer.use_blocks(dataclasses.replace(weight, data=view))
     fused = dataclasses.replace(first, rows=sum(w.rows for w in weights), data=fused_data)
     widths = [w.rows for w in weights]
-    return BlockLinear(fused, None, layers[0]._kernel, layers[0]._threads), widths
+    return BlockLinear(fused, None, layers[0]._kernel, layers[0].threads), widths
 
 
 class SharedInput:
@@ -201,20 +201,20 @@ class FusedDecodeStep:
         self._library = bind_decoder(library)
         self._lean = lean  # holds the fused products the description points at
         self._inner = lean._inner
-        self._threads = first.o_proj._threads
+        self._threads = first.o_proj.threads
         self._hidden = int(config.hidden_size)
         self._vocab = model.lm_head.out_features
         self._kv_heads, self._head_dim, self._layers = kv_heads, head_dim, len(layers)
         self._description = describe_model(
-            [StepLayerWeights([part._bound_address for part in layer.attention_in.parts],
-                              [part._bound_address for part in layer.mlp_in.parts],
-                              layer.o_proj._bound_address, layer.down_proj._bound_address,
+            [StepLayerWeights([part.bound_address for part in layer.attention_in.parts],
+                              [part.bound_address for part in layer.mlp_in.parts],
+                              layer.o_proj.bound_address, layer.down_proj.bound_address,
                               layer.input_norm.weight, layer.post_norm.weight)
              for layer in layers],
             hidden=self._hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
             intermediate=int(config.intermediate_size), eps=float(eps.pop()),
             scaling=float(scaling.pop()), final_norm=lean._inner.norm.weight,
-            head=model.lm_head._bound_address)
+            head=model.lm_head.bound_address)
         self._head = model.lm_head
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -316,6 +316,17 @@ class BlockLinear(torch.nn.Module):
                                    else self.padded_bias.data_ptr())
         self._bound_address = ctypes.addressof(self._bound)
 
+    @property
+    def bound_address(self) -> int:
+        """The address of this layer's ``bound_weight`` (blockgemm.c), valid while it lives
+        and computes on the same blocks: what C code that runs the product itself takes."""
+        return self._bound_address
+
+    @property
+    def threads(self) -> Any:
+        """The callable giving the thread count each product runs on."""
+        return self._threads
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"BlockLinear takes float32 CPU inputs, not {x.dtype} on {x.device}")
