@@ -203,14 +203,11 @@ class Row:
             self.request.window.stop()
         return output
 
-
     def _commitment(self, loaded: LoadedModel) -> str:
         """The activation commitment: of the rows the decode kept, else by a teacher-forced
         pass (engine.commitment)."""
         kept = self.committed
         if kept and len(kept) == -(-len(self.generated) // DEFAULT_STRIDE):
-            import torch
-
             return commit_selected(torch.stack(kept)).encode()
         return compute_commitment(loaded, self.request.prompt_ids, self.generated)
 
