@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.executor import Engine
 from engine.hardware import set_nvml_module, set_torch_cuda_probe
+from engine.loading import LoadedModel
 from engine.registry import packaged_registry_path
+from engine.verify import Verifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -109,6 +112,27 @@ def registry_path(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     """A registry file with every packaged entry plus ``tiny-gpt2`` (and a ``gpt2``-shaped one)."""
     base = tmp_path_factory.mktemp("registry")
     return write_registry(base / "models.yaml", {TINY_NAME: tiny_entry(tiny_model_dir)})
+
+
+@pytest.fixture(scope="module")
+def engine(registry_path: Path) -> Iterator[Engine]:
+    """An engine on the CPU over ``registry_path``, one per test module (a module that
+    needs another configuration defines its own ``engine``)."""
+    with Engine(registry_path, devices=["cpu"]) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def verifier(registry_path: Path, engine: Engine) -> Iterator[Verifier]:
+    """A verifier over ``registry_path`` that borrows the module's engine for exact re-runs."""
+    with Verifier(registry_path, engine=engine) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def tiny(engine: Engine) -> LoadedModel:
+    """The tiny GPT-2, loaded by the module's engine."""
+    return engine.load(TINY_NAME)
 
 
 @pytest.fixture(autouse=True)

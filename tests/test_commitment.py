@@ -34,12 +34,6 @@ PROMPTS = ["Hello GPU", "The quick brown fox", "Paris is the capital of", "A min
 
 
 @pytest.fixture(scope="module")
-def engine(registry_path: Path) -> Iterator[Engine]:
-    with Engine(registry_path, devices=["cpu"]) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
 def verifier(registry_path: Path) -> Iterator[Verifier]:
     with Verifier(registry_path, pool=ModelPool(show_progress=False)) as v:
         yield v

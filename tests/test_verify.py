@@ -4,7 +4,6 @@ embedding end-to-end check), the stop rule, the sampler replay and the spot-chec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,6 @@ from engine.verify import (
 )
 
 TINY = "tiny-gpt2"
-
-
-@pytest.fixture(scope="module")
-def engine(registry_path: Path) -> Iterator[Engine]:
-    with Engine(registry_path, devices=["cpu"]) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
-def verifier(registry_path: Path, engine: Engine) -> Iterator[Verifier]:
-    with Verifier(registry_path, engine=engine) as v:
-        yield v
-
-
-@pytest.fixture(scope="module")
-def tiny(engine: Engine) -> LoadedModel:
-    return engine.load(TINY)
 
 
 def run(engine: Engine, prompt: str = "Hello GPU", **params: Any) -> tuple[Job, JobResult]:

@@ -12,7 +12,6 @@ models made here (a 2-layer GPT-2, a 2-layer BERT), so the test is fast.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,22 +56,11 @@ def make_tiny_bert(directory: Path, tokenizer_dir: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+def registry_path(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny GPT-2 and a tiny BERT: conftest's engine and verifier use this one here."""
     base = tmp_path_factory.mktemp("margins")
     return write_registry(base / "models.yaml", {
         TINY: tiny_entry(tiny_model_dir), BERT: make_tiny_bert(base / "bert", tiny_model_dir)})
-
-
-@pytest.fixture(scope="module")
-def engine(registry: Path) -> Iterator[Engine]:
-    with Engine(registry, devices=["cpu"]) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
-def verifier(registry: Path, engine: Engine) -> Iterator[Verifier]:
-    with Verifier(registry, engine=engine) as v:
-        yield v
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,23 +92,6 @@ def test_sampler_takes_the_race_winner_of_the_documented_draws() -> None:
 
 
 # ------------------------------------------------------------------ tolerant replay
-
-@pytest.fixture(scope="module")
-def engine(registry_path: Path) -> Iterator[Engine]:
-    with Engine(registry_path, devices=["cpu"]) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
-def verifier(registry_path: Path, engine: Engine) -> Iterator[Verifier]:
-    with Verifier(registry_path, engine=engine) as v:
-        yield v
-
-
-@pytest.fixture(scope="module")
-def tiny(engine: Engine) -> LoadedModel:
-    return engine.load(TINY)
-
 
 def _run(engine: Engine, prompt: str, **params: Any) -> tuple[Job, JobResult]:
     job = Job(model=TINY, prompt=prompt, params=GenerationParams(**params))
