@@ -285,12 +285,13 @@ typedef struct {
 
 static void run_unit(const void *task, long unit) {
     const block_product *t = task;
-    ptrdiff_t first = t->panels * unit / t->units, last = t->panels * (unit + 1) / t->units;
+    ptrdiff_t first, last;
+    unit_panels(unit, t->units, t->panels, &first, &last);
     for (ptrdiff_t p = first; p < last; p++) {
         ptrdiff_t n0 = p * PANEL;
-        ptrdiff_t columns = t->n_len - n0 < PANEL ? t->n_len - n0 : PANEL;
         panel_rows(&t->l, t->m_len, t->k_len, t->x, t->ldx, t->blocks + p * t->l.panel_bytes,
-                   t->bias ? t->bias + n0 : NULL, t->y + n0, t->ldy, columns);
+                   t->bias ? t->bias + n0 : NULL, t->y + n0, t->ldy,
+                   panel_columns(t->n_len, p));
     }
 }
 

@@ -121,7 +121,7 @@ static int project(const bound_weight *const *parts, int32_t count, ptrdiff_t ro
 
 typedef struct {
     const step_model *m;
-    ptrdiff_t rows, length, capacity;
+    ptrdiff_t length, capacity;
     const float *qkv;         /* [rows][q | k | v], the queries rotated */
     const float *keys, *values;  /* this layer's cache: [rows][kv_heads][capacity][head_dim] */
     const int64_t *mask;      /* [rows][length], nonzero where a position is the row's */
@@ -166,12 +166,31 @@ static void attention_unit(const void *task, long unit) {
 
 /* ------------------------------------------------------------ the step */
 
+/* Where each of the step's buffers starts in its work space, in floats, and the floats
+   the work space takes: one layout for fused_step_work and fused_step. */
+typedef struct {
+    ptrdiff_t normed, qkv, attended, projected, gate_up, act, scores, total;
+} work_layout;
+
+static work_layout lay_out_work(const step_model *m, ptrdiff_t rows, ptrdiff_t length) {
+    ptrdiff_t h = m->hidden, inter = m->intermediate;
+    ptrdiff_t q_width = (ptrdiff_t)m->heads * m->head_dim;
+    ptrdiff_t qkv_width = q_width + 2 * (ptrdiff_t)m->kv_heads * m->head_dim;
+    work_layout w;
+    w.normed = 0;
+    w.qkv = w.normed + rows * h;
+    w.attended = w.qkv + rows * qkv_width;
+    w.projected = w.attended + rows * q_width;
+    w.gate_up = w.projected + rows * h;
+    w.act = w.gate_up + rows * 2 * inter;
+    w.scores = w.act + rows * inter;
+    w.total = w.scores + rows * m->heads * length;
+    return w;
+}
+
 /* Floats of work space fused_step needs for `rows` rows and a cache `length` long. */
 ptrdiff_t fused_step_work(const step_model *m, ptrdiff_t rows, ptrdiff_t length) {
-    ptrdiff_t h = m->hidden, qkv = (ptrdiff_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
-    ptrdiff_t per_row = h + qkv + (ptrdiff_t)m->heads * m->head_dim + h
-                        + 2 * (ptrdiff_t)m->intermediate + m->intermediate;
-    return rows * per_row + rows * m->heads * length;
+    return lay_out_work(m, rows, length).total;
 }
 
 /* One decode step for `rows` rows.
@@ -193,9 +212,10 @@ int fused_step(const step_model *m, ptrdiff_t rows, float *hidden, const float *
         return -1;
     ptrdiff_t q_width = (ptrdiff_t)m->heads * hd, kv_width = (ptrdiff_t)m->kv_heads * hd;
     ptrdiff_t qkv_width = q_width + 2 * kv_width;
-    float *normed = work, *qkv = normed + rows * h, *attended = qkv + rows * qkv_width;
-    float *projected = attended + rows * q_width, *gate_up = projected + rows * h;
-    float *act = gate_up + rows * 2 * inter, *scores = act + rows * inter;
+    work_layout w = lay_out_work(m, rows, length);
+    float *normed = work + w.normed, *qkv = work + w.qkv, *attended = work + w.attended;
+    float *projected = work + w.projected, *gate_up = work + w.gate_up, *act = work + w.act;
+    float *scores = work + w.scores;
     ptrdiff_t slab = rows * kv_width * capacity;  /* one layer's keys (or values) */
     unsigned saved = enter_flush();
     int failed = 0;
@@ -219,7 +239,7 @@ int fused_step(const step_model *m, ptrdiff_t rows, float *hidden, const float *
                        (size_t)hd * sizeof(float));
             }
         }
-        attention_task task = {m, rows, length, capacity, qkv, keys, values, mask, scores,
+        attention_task task = {m, length, capacity, qkv, keys, values, mask, scores,
                                attended};
         pool_run(attention_unit, &task, rows * m->heads, threads);
         failed |= blockgemm_bound(layer->o, rows, attended, projected, threads);

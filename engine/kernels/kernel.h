@@ -56,6 +56,18 @@ void pool_run(unit_fn run, const void *task, long units, int threads);
    late thread leaves little behind, large enough to pay for taking one. */
 long pool_units(long panels, int threads);
 
+/* The panels [*first, *last) that unit `unit` of `units` computes, of `panels` in all. */
+static inline void unit_panels(long unit, long units, ptrdiff_t panels, ptrdiff_t *first,
+                               ptrdiff_t *last) {
+    *first = panels * unit / units;
+    *last = panels * (unit + 1) / units;
+}
+
+/* The output columns of panel p of a weight with n_len outputs: PANEL, fewer in the last. */
+static inline ptrdiff_t panel_columns(ptrdiff_t n_len, ptrdiff_t p) {
+    return n_len - p * PANEL < PANEL ? n_len - p * PANEL : PANEL;
+}
+
 /* Denormal inputs and results are taken as zero (the MXCSR's DAZ and FTZ bits) while
    units run: on x86 every arithmetic step that meets a denormal otherwise takes a
    slow microcode path, and a few prompts drive activations that low. */

@@ -185,32 +185,31 @@ def pad_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 _thread_state = threading.local()
 
 
-def _openmp() -> Any:
-    """The OpenMP runtime torch runs on (already loaded, so found by its soname), or None."""
+def _loaded_library(names: tuple[str, ...], exporting: str) -> Any:
+    """The first of ``names`` already loaded in this process (found by its soname, never
+    loaded anew) that exports ``exporting``, or None."""
     no_load = getattr(os, "RTLD_NOLOAD", None)
     if no_load is None:
         return None
-    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
-        try:
-            return ctypes.CDLL(name, mode=no_load | os.RTLD_LAZY)
-        except OSError:
-            continue
-    return None
-
-
-def _mkl() -> Any:
-    """The MKL inside torch's CPU library, where it exports its service functions, or None."""
-    no_load = getattr(os, "RTLD_NOLOAD", None)
-    if no_load is None:
-        return None
-    for name in ("libtorch_cpu.so", "libmkl_rt.so.2", "libmkl_rt.so"):
+    for name in names:
         try:
             library = ctypes.CDLL(name, mode=no_load | os.RTLD_LAZY)
         except OSError:
             continue
-        if hasattr(library, "mkl_set_num_threads_local_"):
+        if hasattr(library, exporting):
             return library
     return None
+
+
+def _openmp() -> Any:
+    """The OpenMP runtime torch runs on, or None."""
+    return _loaded_library(("libgomp.so.1", "libiomp5.so", "libomp.so"), "omp_set_num_threads")
+
+
+def _mkl() -> Any:
+    """The MKL inside torch's CPU library, where it exports its service functions, or None."""
+    return _loaded_library(("libtorch_cpu.so", "libmkl_rt.so.2", "libmkl_rt.so"),
+                           "mkl_set_num_threads_local_")
 
 
 def hand_threads_to_kernel() -> None:
