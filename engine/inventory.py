@@ -69,10 +69,10 @@ def model_views(registry: Registry, pool: ModelPool, *,
 def cpu_linear_kernel() -> dict[str, Any]:
     """The CPU linear-layer kernel: ``available``, ``in_use`` (not turned off), ``reason``;
     ``blocks``: whether the block kernel for GGUF weights (the ``native`` dtype) passed its
-    check, why not, the formats it computes on, and the decode step native LLaMA models
-    take (``decode_step``, their profiles' ``decode``); and ``build``: the checked library's
-    compiler, compiler version, flags, instruction-set features (``isa``), sha256 and size,
-    or None when no library passed the checks."""
+    check, why not, the formats it computes on, and the fused pass native LLaMA models
+    prefill and decode in (``decode_step``, their profiles' ``decode``); and ``build``: the
+    checked library's compiler, compiler version, flags, instruction-set features (``isa``),
+    sha256 and size, or None when no library passed the checks."""
     from engine.kernels import FUSED_STEP_NAME
     from engine.kernels.blocks import SUPPORTED
     from engine.kernels.rowgemm import blas_requested, kernel_status  # imports torch

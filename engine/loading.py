@@ -437,9 +437,12 @@ class PoolKey:
     devices: tuple[str, ...]
     dtype: str
     weights: Weights
+    # A native model held by transformers' model for its operators (``--decode dynamic``).
+    model_operators: bool = False
 
     def __str__(self) -> str:
-        return f"{self.model}@{'+'.join(self.devices)}/{self.dtype}/{self.weights}"
+        ops = "+model-operators" if self.model_operators else ""
+        return f"{self.model}@{'+'.join(self.devices)}/{self.dtype}{ops}/{self.weights}"
 
 
 @dataclass
@@ -466,8 +469,11 @@ class LoadedModel:
     fast_path_error: str | None = None
     # A native model's lean decode step (engine.native_step), or None: the model's forward.
     decode_step: Any = field(default=None, repr=False)
-    # A native model's fused C decode step (its own floats, decode "fused-step/1"), or None.
+    # A native model's fused C pass for prefill and decode (its own floats, decode
+    # "fused-step/2"), or None.
     fused_step: Any = field(default=None, repr=False)
+    # Loaded for transformers' operators (``load_model(model_operators=True)``).
+    model_operators: bool = False
 
     def release(self) -> None:
         """Drop the model and everything built on it (captured graphs, static caches)."""
@@ -481,7 +487,7 @@ class LoadedModel:
     def key(self) -> PoolKey:
         """The pool key of this model."""
         return PoolKey(self.spec.name, tuple(d.id for d in self.devices), self.dtype_name,
-                       self.weights)
+                       self.weights, self.model_operators)
 
     @property
     def device_class(self) -> str:
@@ -640,13 +646,16 @@ def _model_bytes(model: Any) -> int:
 
 def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights = "pretrained",
                dtype: str | None = None, seed: int = 0, cache_dir: Path | None = None,
-               check_memory: bool = True) -> LoadedModel:
+               check_memory: bool = True, model_operators: bool = False) -> LoadedModel:
     """Load ``spec`` onto ``devices`` and return it ready for jobs.
 
     ``weights="random"`` builds the true architecture from the entry's
     ``config`` with seeded random weights and a byte-level tokenizer, with no
     download. Pretrained weights load from safetensors or GGUF only, never
-    with ``trust_remote_code``.
+    with ``trust_remote_code``. A native LLaMA model runs in the engine's fused
+    pass without transformers' model classes where the pass computes it
+    (:mod:`engine.native_model`); ``model_operators`` keeps transformers' model and
+    its operators instead (what ``--decode dynamic`` computes with).
     """
     import torch
 
@@ -655,34 +664,19 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     dtype_name = resolve_dtype_name(spec, devices[0], dtype, weights)
     if check_memory:
         check_fits(spec, devices, dtype_name)
+    if dtype_name == NATIVE:
+        with _load_lock:
+            return _load_native_model(spec, devices, cache_dir, weights=weights,
+                                      model_operators=model_operators)
     with _load_lock, _quiet_transformers():
         _import_architecture(spec)
         started = time.perf_counter()
-        decode_step = fused_step = None
-        if dtype_name == NATIVE:
-            from engine.kernels import BLOCK_KERNEL_NAME
-            from engine.kernels.rowgemm import block_kernel
-            from engine.native import return_free_memory
-            from engine.native_step import FusedDecodeStep, NativeDecodeStep
-
-            try:
-                model, tokenizer, digest, kind = _load_native(spec, cache_dir)
-                linear_kernel = BLOCK_KERNEL_NAME
-                try:
-                    decode_step = NativeDecodeStep(model)
-                    fused_step = FusedDecodeStep(decode_step, block_kernel())
-                except (ValueError, AttributeError) as exc:
-                    log.info("model %r decodes %s (%s)", spec.name, "without the fused step"
-                             if decode_step else "through its forward", exc)
-            finally:
-                return_free_memory()  # what reading, packing and fusing left in the C heap
+        if weights == "random":
+            model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
         else:
-            if weights == "random":
-                model, tokenizer, digest, kind = _build_random(spec, dtype_name, seed)
-            else:
-                model, tokenizer, digest = _load_pretrained(spec, cache_dir)
-                kind = "model"
-            model, linear_kernel = _place(model, devices, torch_dtype(dtype_name))
+            model, tokenizer, digest = _load_pretrained(spec, cache_dir)
+            kind = "model"
+        model, linear_kernel = _place(model, devices, torch_dtype(dtype_name))
         model.eval()
         if devices[0].kind == "cuda":
             torch.cuda.synchronize(devices[0].index)
@@ -690,8 +684,41 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
                        dtype_name=dtype_name, weights=weights, weights_digest=digest,
                        load_time_seconds=time.perf_counter() - started,
                        memory_bytes=_model_bytes(model), tokenizer_kind=kind,
-                       linear_kernel=linear_kernel, decode_step=decode_step,
-                       fused_step=fused_step)
+                       linear_kernel=linear_kernel)
+
+
+def _load_native_model(spec: ModelSpec, devices: Sequence[Device], cache_dir: Path | None, *,
+                       weights: Weights, model_operators: bool) -> LoadedModel:
+    """A GGUF model on its blocks: the engine's own model where the fused pass computes it
+    (and ``model_operators`` is off), else transformers' model with the lean step and,
+    where the pass computes it, the fused step."""
+    from engine.kernels import BLOCK_KERNEL_NAME
+    from engine.kernels.rowgemm import block_kernel
+    from engine.native import return_free_memory
+    from engine.native_step import FusedDecodeStep, NativeDecodeStep, skeleton_weights
+
+    started = time.perf_counter()
+    decode_step = fused_step = None
+    try:
+        model, tokenizer, digest = _load_native(spec, cache_dir, engine_model=not model_operators)
+        if getattr(model, "fused", None) is not None:
+            fused_step = model.fused
+        else:
+            try:
+                decode_step = NativeDecodeStep(model)
+                fused_step = FusedDecodeStep(skeleton_weights(decode_step), block_kernel())
+            except (ValueError, AttributeError) as exc:
+                log.info("model %r decodes %s (%s)", spec.name, "without the fused step"
+                         if decode_step else "through its forward", exc)
+    finally:
+        return_free_memory()  # what reading, packing and fusing left in the C heap
+    model.eval()
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, devices=tuple(devices),
+                       dtype_name=NATIVE, weights=weights, weights_digest=digest,
+                       load_time_seconds=time.perf_counter() - started,
+                       memory_bytes=_model_bytes(model), tokenizer_kind="model",
+                       linear_kernel=BLOCK_KERNEL_NAME, decode_step=decode_step,
+                       fused_step=fused_step, model_operators=model_operators)
 
 
 def _import_architecture(spec: ModelSpec) -> None:
@@ -807,17 +834,21 @@ def _write_native_meta(gguf_file: Path, target: Path, *, digest: str) -> None:
         tokenizer.save_pretrained(staged)
 
 
-def _load_native(spec: ModelSpec, cache_dir: Path | None,
-                 ) -> tuple[Any, Any, str, str]:
-    """A GGUF model on its own blocks: (model, tokenizer, digest, tokenizer kind).
+def _load_native(spec: ModelSpec, cache_dir: Path | None, *, engine_model: bool,
+                 ) -> tuple[Any, Any, str]:
+    """A GGUF model on its own blocks: (model, tokenizer, digest).
+
+    With ``engine_model``, the model is a :class:`~engine.native_model.NativeLlama` and
+    the tokenizer the engine's reading of the saved tokenizer files, where the fused
+    pass computes the model: then transformers' model and tokenizer classes are never
+    imported. Else (or when refused, with the reason logged) transformers' model class
+    holds the blocks.
 
     The digest is the GGUF's, the same the float32 path reports, since both
     compute on the values the file holds. The file is read once; its identity
     after reading must be the one its digest was computed for, or it is read again.
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from engine.native import NativeUnavailableError, build_native_model, read_gguf_header
+    from engine.native import NativeUnavailableError, read_gguf_header
 
     found = _find_weights(spec)
     gguf_file = found.files[0]
@@ -828,13 +859,11 @@ def _load_native(spec: ModelSpec, cache_dir: Path | None,
             weightfiles.ensure_conversion(
                 directory, source_file=gguf_file, source_digest=digest,
                 convert=functools.partial(_write_native_meta, gguf_file, digest=digest))
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                                  trust_remote_code=False)
         try:
             gguf = read_gguf_header(gguf_file)
-            model, formats = build_native_model(
-                functools.partial(_auto_class(spec).from_config, config), config, gguf)
+            built = _engine_model(spec, directory, gguf) if engine_model else None
+            if built is None:
+                built = _transformers_native_model(spec, directory, gguf)
         except weightfiles.WeightFileProblem as damage:
             raise WeightsUnavailableError(
                 f"model {spec.name!r}: weight file {damage.path} is damaged ({damage.problem}); "
@@ -842,20 +871,61 @@ def _load_native(spec: ModelSpec, cache_dir: Path | None,
         except NativeUnavailableError as exc:
             raise WeightsUnavailableError(f"model {spec.name!r} cannot run on its GGUF blocks: "
                                           f"{exc}; use --dtype float32", field="dtype") from exc
+        model, tokenizer, formats = built
         changed = weightfiles.changed_file(identities)
         if changed is not None:
             log.warning("weight file %s changed while model %r was loading; checking and "
                         "loading it again", changed, spec.name)
-            del model
+            del model, built
             continue
-        model.generation_config = GenerationConfig.from_pretrained(  # type: ignore[assignment]
-            str(directory))
         log.info("model %r runs on its GGUF blocks (%s)", spec.name,
                  ", ".join(f"{count} {name}" for name, count in sorted(formats.items())))
-        return model, tokenizer, digest, "model"
+        return model, tokenizer, digest
     raise WeightsUnavailableError(f"model {spec.name!r}: weight file {gguf_file} kept changing "
                                   "while it was loaded; let whatever writes it finish, then try "
                                   "again", field="model")
+
+
+def _engine_model(spec: ModelSpec, directory: Path, gguf: Any,
+                  ) -> tuple[Any, Any, dict[str, int]] | None:
+    """The engine's own native model and tokenizer from a verified conversion, or None
+    (the reason logged) where the fused pass does not compute the model."""
+    from engine.kernels.rowgemm import block_kernel
+    from engine.native import NativeUnavailableError
+    from engine.native_model import engine_model_refusal, load_native_llama, saved_config
+    from engine.tokenizer_files import TokenizerFilesError, load_tokenizer
+
+    refusal = engine_model_refusal(saved_config(directory))
+    if refusal is None:
+        try:
+            tokenizer = load_tokenizer(directory)
+            model, formats = load_native_llama(directory, gguf, block_kernel())
+        except (NativeUnavailableError, TokenizerFilesError) as exc:
+            refusal = str(exc)
+        else:
+            return model, tokenizer, formats
+    log.info("model %r runs as transformers' model on its blocks: the fused pass does not "
+             "take %s", spec.name, refusal)
+    return None
+
+
+def _transformers_native_model(spec: ModelSpec, directory: Path, gguf: Any,
+                               ) -> tuple[Any, Any, dict[str, int]]:
+    """transformers' model class holding a GGUF's blocks, with its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from engine.native import build_native_model
+
+    with _quiet_transformers():
+        _import_architecture(spec)
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=False)
+        model, formats = build_native_model(
+            functools.partial(_auto_class(spec).from_config, config), config, gguf)
+        model.generation_config = GenerationConfig.from_pretrained(  # type: ignore[assignment]
+            str(directory))
+    return model, tokenizer, formats
 
 
 def _load_pretrained(spec: ModelSpec, cache_dir: Path | None) -> tuple[Any, Any, str]:

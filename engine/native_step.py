@@ -1,12 +1,10 @@
-"""One decode step of a native LLaMA model, without transformers' per-module machinery.
+"""Native LLaMA decode outside transformers' per-module machinery: the lean step and the
+engine's fused C pass.
 
-A decode step of SmolLM2-135M on its blocks spends about as long in
-transformers' Python around the operators (module calls, decorators, output
-records, three projections where one would do) as in the block kernel itself.
-:class:`NativeDecodeStep` runs the same step with the same torch operators in
-the same order, on the same modules and cache, so its logits equal the
-model's forward bit for bit (a test checks this on padded batches); what it
-drops is the machinery:
+:class:`NativeDecodeStep` (the lean step) runs a decode step of transformers' model with
+the same torch operators in the same order, on the same modules and cache, so its
+logits equal the model's forward bit for bit (a test checks this on padded batches);
+what it drops is the machinery around them (module calls, decorators, output records):
 
 * the query, key and value projections of a layer are one product where their
   blocks share a format, and the gate and up projections another: their
@@ -16,10 +14,10 @@ drops is the machinery:
 * the layers run as one loop of plain calls: the norm, transformers' own
   rotary, cache update and SDPA functions, the residual adds.
 
-The causal mask and the rotary tables are built once per step by the model's
-own functions, as its forward does. The step is used for decode steps only
-(one new token per row); prefill and the verifier's teacher-forced pass run
-the model's forward.
+:class:`FusedDecodeStep` runs prefill and decode steps in ``decoder.c``, with floats
+of its own (``decode: fused-step/2``). It computes with :class:`FusedWeights`, which
+either transformers' model on blocks gives (:func:`skeleton_weights`) or the engine's
+own model (:mod:`engine.native_model`): the same blocks give the same floats.
 """
 
 from __future__ import annotations
@@ -27,14 +25,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import mmap
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from engine.kernels.blocks import BlockLinear
-from engine.kernels.decoder import STEP_VERSION, StepLayerWeights, bind_decoder, describe_model
+from engine.kernels.decoder import (
+    STEP_VERSION,
+    ModelDescription,
+    StepLayerWeights,
+    bind_decoder,
+    describe_model,
+)
 
-__all__ = ["FusedDecodeStep", "NativeDecodeStep", "fuse_projections"]
+__all__ = ["FusedDecodeStep", "FusedWeights", "NativeDecodeStep", "StepParts",
+           "describe_weights", "fuse_projections", "skeleton_weights"]
 
 # Cache positions the fused step's KV buffer holds beyond what a step needs, in steps of
 # this many, so that it is copied once per that many steps, not grown every step.
@@ -155,67 +161,132 @@ class NativeDecodeStep:
         return self._model.lm_head(hidden)
 
 
+@dataclasses.dataclass
+class FusedWeights:
+    """What the fused pass computes with: the model's C description, and the two parts that
+    stay in torch (the embedding lookup and the rotary tables), with the shapes around them.
+    ``keep`` holds whatever the description points into."""
+
+    description: ModelDescription
+    embed: Callable[[torch.Tensor], torch.Tensor]  # ids [rows, n] -> [rows, n, hidden]
+    # (embedded [rows, n, hidden], positions [rows, n]) -> cos, sin [rows, n, head_dim]
+    rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    hidden: int
+    vocab: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    threads: Callable[[], int]
+    keep: Any = None
+
+
+def skeleton_weights(lean: NativeDecodeStep) -> FusedWeights:
+    """The fused pass's weights from a transformers model on blocks (through the lean step,
+    whose fused products they point at); ValueError when the pass cannot compute it."""
+    model, config = lean._model, lean._config
+    if getattr(config, "hidden_act", None) != "silu":
+        raise ValueError(f"activation {getattr(config, 'hidden_act', None)!r}, not silu")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("rotary embedding on part of each head")
+    if not isinstance(model.lm_head, BlockLinear):
+        raise ValueError("the output head is not kept as blocks")
+    layers = lean._layers
+    eps = {layer.input_norm.variance_epsilon for layer in layers} | \
+        {layer.post_norm.variance_epsilon for layer in layers} | \
+        {lean._inner.norm.variance_epsilon}
+    scaling = {layer.scaling for layer in layers}
+    if len(eps) != 1 or len(scaling) != 1:
+        raise ValueError("layers with different norm epsilons or attention scalings")
+    weights = [StepParts(layer.attention_in.parts, layer.mlp_in.parts, layer.o_proj,
+                         layer.down_proj, layer.input_norm.weight, layer.post_norm.weight)
+               for layer in layers]
+    inner = lean._inner
+    return describe_weights(
+        weights, heads=int(config.num_attention_heads), kv_heads=int(config.num_key_value_heads),
+        head_dim=layers[0].head_dim, intermediate=int(config.intermediate_size),
+        eps=float(eps.pop()), scaling=float(scaling.pop()), final_norm=inner.norm.weight,
+        head=model.lm_head, embed=inner.embed_tokens,
+        rotary=lambda embedded, positions: inner.rotary_emb(embedded, position_ids=positions),
+        keep=lean)
+
+
+@dataclasses.dataclass
+class StepParts:
+    """One layer as the fused pass takes it: the products of the attention's input (one
+    fused product or up to three), of the MLP's input (one or two), the output and down
+    products, and the two norm weights."""
+
+    attention_in: list[Any]
+    mlp_in: list[Any]
+    o_proj: Any
+    down_proj: Any
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+def describe_weights(layers: list[StepParts], *, heads: int, kv_heads: int, head_dim: int,
+                     intermediate: int, eps: float, scaling: float, final_norm: torch.Tensor,
+                     head: Any, embed: Callable[[torch.Tensor], torch.Tensor],
+                     rotary: Callable[[torch.Tensor, torch.Tensor],
+                                      tuple[torch.Tensor, torch.Tensor]],
+                     keep: Any) -> FusedWeights:
+    """The fused pass's weights, after checking that it can compute them (ValueError: why
+    not): every product kept as blocks, a head size the step's vectors divide."""
+    if head_dim % 16 or heads % kv_heads:
+        raise ValueError(f"head size {head_dim} or {heads} heads over {kv_heads} "
+                         "key/value heads")
+    for layer in layers:
+        if not all(isinstance(part, BlockLinear) for part in
+                   (*layer.attention_in, *layer.mlp_in, layer.o_proj, layer.down_proj)):
+            raise ValueError("a projection is not kept as blocks")
+    if not isinstance(head, BlockLinear):
+        raise ValueError("the output head is not kept as blocks")
+    first = layers[0].o_proj
+    hidden = int(first.out_features)
+    description = describe_model(
+        [StepLayerWeights([part.bound_address for part in layer.attention_in],
+                          [part.bound_address for part in layer.mlp_in],
+                          layer.o_proj.bound_address, layer.down_proj.bound_address,
+                          layer.input_norm, layer.post_norm)
+         for layer in layers],
+        hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=intermediate, eps=eps, scaling=scaling, final_norm=final_norm,
+        head=head.bound_address)
+    return FusedWeights(description, embed, rotary, hidden=hidden, vocab=int(head.out_features),
+                        layers=len(layers), kv_heads=kv_heads, head_dim=head_dim,
+                        threads=first.threads, keep=(keep, head))
+
+
+# Tokens a prefill or teacher-forced pass gives the C pass at once: bounds its work space
+# (about 30 KB a token for SmolLM2-135M) without changing a float (each token's are its own).
+PASS_TOKENS = 256
+
+
 class FusedDecodeStep:
-    """The whole decode step in one call of the engine's C step (``decoder.c``).
+    """Prefill and decode steps in the engine's C pass (``decoder.c``).
 
-    Built on a :class:`NativeDecodeStep`'s fused layers (nothing is fused twice). Only
-    the embedding lookup and the rotary tables run in torch, with the model's own
-    modules; the rest is the C step, whose floats are its own: results name it in
-    their profile as ``decode: fused-step/1``.
+    Only the embedding lookup and the rotary tables run in torch; the rest is the C
+    pass, whose floats are its own: results name it in their profile as
+    ``decode: fused-step/2``. A prefill is the same pass over every prompt token at its
+    own cache position, so a prompt's tokens compute what they would one by one.
 
-    The KV cache stays the ``DynamicCache`` the prefill filled, so the decode batch
-    merges, cuts and drops rows as always; the step keeps every layer's keys and values
-    in one buffer with room for ``CACHE_ROOM`` more positions, hung on the cache object
-    (it lives and dies with the cache), and hands the layers views of it. When the batch
-    has replaced a layer's tensors (rows joined or left), the buffer is rebuilt from them.
+    The KV cache is one whose rows the decode batch merges, cuts and drops as always (the
+    engine's :class:`~engine.kv_cache.KVCache`, or transformers' ``DynamicCache``). The
+    pass keeps every layer's keys and values in one buffer with room for ``CACHE_ROOM``
+    more positions, hung on the cache object (it lives and dies with the cache), and
+    hands the layers views of it. When the batch has replaced a layer's tensors (rows
+    joined or left), the buffer is rebuilt from them.
     """
 
     name = STEP_VERSION
 
-    def __init__(self, lean: NativeDecodeStep, library: Any) -> None:
-        model, config = lean._model, lean._config
-        if getattr(config, "hidden_act", None) != "silu":
-            raise ValueError(f"activation {getattr(config, 'hidden_act', None)!r}, not silu")
-        if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("rotary embedding on part of each head")
-        if not isinstance(model.lm_head, BlockLinear):
-            raise ValueError("the output head is not kept as blocks")
-        layers = lean._layers
-        first = layers[0]
-        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
-        head_dim = first.head_dim
-        if head_dim % 16 or heads % kv_heads:
-            raise ValueError(f"head size {head_dim} or {heads} heads over {kv_heads} "
-                             "key/value heads")
-        eps = {layer.input_norm.variance_epsilon for layer in layers} | \
-            {layer.post_norm.variance_epsilon for layer in layers} | \
-            {lean._inner.norm.variance_epsilon}
-        scaling = {layer.scaling for layer in layers}
-        if len(eps) != 1 or len(scaling) != 1:
-            raise ValueError("layers with different norm epsilons or attention scalings")
-        for layer in layers:
-            if not all(isinstance(part, BlockLinear) for part in
-                       (*layer.attention_in.parts, *layer.mlp_in.parts, layer.o_proj,
-                        layer.down_proj)):
-                raise ValueError("a projection is not kept as blocks")
+    def __init__(self, weights: FusedWeights, library: Any) -> None:
         self._library = bind_decoder(library)
-        self._lean = lean  # holds the fused products the description points at
-        self._inner = lean._inner
-        self._threads = first.o_proj.threads
-        self._hidden = int(config.hidden_size)
-        self._vocab = model.lm_head.out_features
-        self._kv_heads, self._head_dim, self._layers = kv_heads, head_dim, len(layers)
-        self._description = describe_model(
-            [StepLayerWeights([part.bound_address for part in layer.attention_in.parts],
-                              [part.bound_address for part in layer.mlp_in.parts],
-                              layer.o_proj.bound_address, layer.down_proj.bound_address,
-                              layer.input_norm.weight, layer.post_norm.weight)
-             for layer in layers],
-            hidden=self._hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-            intermediate=int(config.intermediate_size), eps=float(eps.pop()),
-            scaling=float(scaling.pop()), final_norm=lean._inner.norm.weight,
-            head=model.lm_head.bound_address)
-        self._head = model.lm_head
+        self._weights = weights
+        self._address = weights.description.address
+        self._hidden, self._vocab = weights.hidden, weights.vocab
+        self._kv_heads, self._head_dim = weights.kv_heads, weights.head_dim
+        self._layers = weights.layers
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -229,27 +300,103 @@ class FusedDecodeStep:
         rows = input_ids.shape[0]
         if input_ids.shape[1] != 1:
             raise ValueError("the fused step takes one new token per row")
-        embedded = self._inner.embed_tokens(input_ids)
-        cos, sin = self._inner.rotary_emb(embedded, position_ids=position_ids)
-        hidden = embedded.reshape(rows, self._hidden).contiguous()
-        cos = cos.reshape(rows, self._head_dim).contiguous()
-        sin = sin.reshape(rows, self._head_dim).contiguous()
         mask = attention_mask.to(torch.int64).contiguous()
         length = mask.shape[1]
         buffer = self._cache_buffer(cache, rows, length)
-        address = self._description.address
-        work = torch.empty(self._library.fused_step_work(address, rows, length),
-                           dtype=torch.float32)
-        final = torch.empty(rows, self._hidden, dtype=torch.float32)
-        logits = torch.empty(rows, self._vocab, dtype=torch.float32)
-        if self._library.fused_step(address, rows, hidden.data_ptr(), cos.data_ptr(),
-                                    sin.data_ptr(), mask.data_ptr(), length,
-                                    buffer.tensor.data_ptr(), buffer.capacity, work.data_ptr(),
-                                    final.data_ptr(), logits.data_ptr(), self._threads()):
-            raise RuntimeError(f"the fused decode step refused {rows} rows of "
-                               f"{length} positions")
+        final, logits = self._run(input_ids, position_ids, None, mask, buffer, None)
         buffer.publish(cache.layers, length)
         return logits.view(rows, 1, self._vocab), final
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's prompt (left-padded, ``[rows, width]``) into ``cache``, which must be
+        empty: the logits ``[rows, vocab]`` and final-norm rows ``[rows, hidden]`` at each
+        row's last position. Padding positions are not computed."""
+        rows, width = input_ids.shape
+        mask = attention_mask.to(torch.int64).contiguous()
+        if len(cache.layers) != self._layers or any(
+                getattr(layer, "keys", None) is not None and layer.keys.numel()
+                for layer in cache.layers):
+            raise ValueError(f"a prefill takes an empty cache of {self._layers} layers")
+        buffer = _CacheBuffer(_mapped_floats(
+            (self._layers, 2, rows, self._kv_heads, _room_for(width), self._head_dim)))
+        places = mask.nonzero()  # (row, position) of every prompt token, row by row
+        if places.shape[0] == 0 or not bool(mask[:, -1].all()):
+            raise ValueError("every row needs its last position")
+        last = torch.cumsum(mask.sum(1), 0) - 1  # each row's last token among ``places``
+        finals, logits = [], []
+        for start in range(0, places.shape[0], PASS_TOKENS):
+            chunk = places[start:start + PASS_TOKENS]
+            ends = last[(last >= start) & (last < start + chunk.shape[0])] - start
+            final, chunk_logits = self._run(input_ids[chunk[:, 0], chunk[:, 1]][:, None],
+                                            position_ids[chunk[:, 0], chunk[:, 1]][:, None],
+                                            chunk.contiguous(), mask, buffer, ends)
+            finals.append(final[ends])
+            logits.append(chunk_logits)
+        for layer in cache.layers:
+            if hasattr(layer, "is_initialized"):  # transformers' layer: it holds tensors now
+                layer.device, layer.is_initialized = torch.device("cpu"), True
+        cache._fused_buffer = buffer
+        buffer.publish(cache.layers, width)
+        return torch.cat(logits), torch.cat(finals)
+
+    def teacher_forced(self, ids: torch.Tensor, logits_rows: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over ``ids`` (one sequence): the final-norm rows of every position
+        ``[n, hidden]`` and the logits of the last ``logits_rows`` ``[logits_rows, vocab]``."""
+        n = int(ids.numel())
+        if n == 0:
+            raise ValueError("a pass over no tokens")
+        keep = max(1, min(logits_rows, n))
+        mask = torch.ones((1, n), dtype=torch.int64)
+        positions = torch.arange(n, dtype=torch.int64)
+        buffer = _CacheBuffer(_mapped_floats(
+            (self._layers, 2, 1, self._kv_heads, n, self._head_dim)))
+        finals, logits = [], []
+        for start in range(0, n, PASS_TOKENS):
+            stop = min(n, start + PASS_TOKENS)
+            at = torch.stack([torch.zeros(stop - start, dtype=torch.int64),
+                              positions[start:stop]], 1)
+            wanted = torch.arange(max(start, n - keep), stop, dtype=torch.int64) - start
+            final, chunk_logits = self._run(ids.reshape(-1)[start:stop, None],
+                                            positions[start:stop, None], at, mask, buffer,
+                                            wanted)
+            finals.append(final)
+            if wanted.numel():
+                logits.append(chunk_logits)
+        return torch.cat(finals), torch.cat(logits)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, at: torch.Tensor | None,
+             mask: torch.Tensor, buffer: _CacheBuffer, head_rows: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of the C pass over ``ids`` ``[tokens, 1]``: final-norm rows of every
+        token, and logits of ``head_rows`` (None: every token; empty: none). The cache
+        buffer's rows are the mask's."""
+        tokens = ids.shape[0]
+        weights = self._weights
+        embedded = weights.embed(ids)
+        cos, sin = weights.rotary(embedded, positions)
+        hidden = embedded.reshape(tokens, self._hidden).contiguous()
+        cos = cos.reshape(tokens, self._head_dim).contiguous()
+        sin = sin.reshape(tokens, self._head_dim).contiguous()
+        rows, length = mask.shape
+        picked = None if head_rows is None else head_rows.to(torch.int64).contiguous()
+        head_count = -1 if picked is None else picked.numel()
+        work = torch.empty(self._library.fused_forward_work(
+            self._address, tokens, length, max(head_count, 0)), dtype=torch.float32)
+        final = torch.empty(tokens, self._hidden, dtype=torch.float32)
+        logits = torch.empty(tokens if picked is None else head_count, self._vocab,
+                             dtype=torch.float32)
+        if self._library.fused_forward(
+                self._address, tokens, hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                None if at is None else at.data_ptr(), mask.data_ptr(), rows, length,
+                buffer.tensor.data_ptr(), buffer.capacity, work.data_ptr(), final.data_ptr(),
+                None if picked is None or not head_count else picked.data_ptr(), head_count,
+                logits.data_ptr(),
+                weights.threads()):
+            raise RuntimeError(f"the fused pass refused {tokens} tokens over {rows} rows of "
+                               f"{length} positions")
+        return final, logits
 
     def _cache_buffer(self, cache: Any, rows: int, length: int) -> _CacheBuffer:
         """The buffer holding the cache's ``length - 1`` positions, with room for position
@@ -264,14 +411,18 @@ class FusedDecodeStep:
         filled = layers[0].keys.shape[-2]
         if len(layers) != self._layers or filled != length - 1:
             raise ValueError(f"a cache of {filled} positions for a mask of {length}")
-        capacity = -(-(length + CACHE_ROOM) // CACHE_ROOM) * CACHE_ROOM
         held = _CacheBuffer(_mapped_floats(
-            (self._layers, 2, rows, self._kv_heads, capacity, self._head_dim)))
+            (self._layers, 2, rows, self._kv_heads, _room_for(length), self._head_dim)))
         for (keys, values), layer in zip(held.layers, layers, strict=True):
             keys[:, :, :filled].copy_(layer.keys)
             values[:, :, :filled].copy_(layer.values)
         cache._fused_buffer = held
         return held
+
+
+def _room_for(length: int) -> int:
+    """A buffer's positions for ``length``: at least ``CACHE_ROOM`` more, in steps of it."""
+    return -(-(length + CACHE_ROOM) // CACHE_ROOM) * CACHE_ROOM
 
 
 def _mapped_floats(shape: tuple[int, ...]) -> torch.Tensor:

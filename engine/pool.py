@@ -23,6 +23,7 @@ from engine.errors import InsufficientMemoryError
 from engine.hardware import Device
 from engine.loading import (
     DTYPE_BYTES,
+    NATIVE,
     LoadedModel,
     PoolKey,
     Weights,
@@ -84,10 +85,12 @@ class ModelPool:
 
     # -- lookup
     def key_for(self, spec: ModelSpec, devices: Sequence[Device], weights: Weights = "pretrained",
-                dtype: str | None = None) -> PoolKey:
-        """The key a model would have on ``devices``."""
-        return PoolKey(spec.name, tuple(d.id for d in devices),
-                       resolve_dtype_name(spec, devices[0], dtype, weights), weights)
+                dtype: str | None = None, *, model_operators: bool = False) -> PoolKey:
+        """The key a model would have on ``devices`` (``model_operators``: a native model
+        loaded as transformers' model, for ``--decode dynamic``)."""
+        name = resolve_dtype_name(spec, devices[0], dtype, weights)
+        return PoolKey(spec.name, tuple(d.id for d in devices), name, weights,
+                       model_operators and name == NATIVE)
 
     def peek(self, key: PoolKey) -> LoadedModel | None:
         """The warm model under ``key``, without touching its recency."""
@@ -114,7 +117,10 @@ class ModelPool:
 
         A leased model is never evicted until the lease ends.
         """
-        key = self.key_for(spec, devices, weights, dtype)
+        key = self.key_for(spec, devices, weights, dtype,
+                           model_operators=bool(load_options.pop("model_operators", False)))
+        if key.model_operators:  # only native models have the choice: others never hear of it
+            load_options["model_operators"] = True
         loaded, load_seconds = self._acquire(key, spec, devices, weights, dtype, load_options)
         try:
             yield loaded, load_seconds

@@ -124,7 +124,8 @@ class Work:
         for item in self.items:
             self.ctx.started(item)
         self.loaded, self.load_seconds = self._lease.enter_context(self.ctx.pool.use(
-            self.spec, self.devices, weights=self.ctx.weights, dtype=self.ctx.dtype))
+            self.spec, self.devices, weights=self.ctx.weights, dtype=self.ctx.dtype,
+            model_operators=self.ctx.decode == "dynamic"))
         from engine.kernels import KERNEL_NAMES
 
         if self.loaded.linear_kernel in KERNEL_NAMES:

@@ -1,9 +1,12 @@
-"""The fused C decode step of native models (engine/kernels/decoder.c, engine/native_step.py).
+"""The fused C pass of native models (engine/kernels/decoder.c, engine/native_step.py) and
+the engine's own LLaMA model that runs in it (engine/native_model.py).
 
 What it must keep: each row's floats independent of its batch mates (bit for bit, padding
-included), the model's forward within rounding, the KV cache the decode batch manages
-(rows joining and leaving), results that name the step in their profile and reproduce
-under it, and the forward's floats when ``decode="dynamic"`` asks for them.
+included), a prompt token's floats the same in a prefill as in a step of its own, the
+model's forward within rounding, the KV cache the decode batch manages (rows joining and
+leaving), results that name the pass in their profile and reproduce under it, the
+forward's floats when ``decode="dynamic"`` asks for them, and the same floats whether the
+engine's model or transformers' model holds the blocks.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from engine import Engine, loading
+from engine import Engine, loading, native_step
 from engine.commitment import commit_rows, commit_selected, compute_commitment
 from engine.hardware import discover
 from engine.kernels.decoder import STEP_VERSION
 from engine.kernels.rowgemm import kernel_status
 from engine.loading import LoadedModel, load_model
+from engine.native_model import NativeLlama
 from engine.native_step import CACHE_ROOM, FusedDecodeStep
 from engine.registry import Registry, packaged_registry_path
 from engine.tasks import generation
@@ -37,7 +41,14 @@ def loaded() -> LoadedModel:
     spec = Registry.load(packaged_registry_path()).get(SMOL)
     if not loading.availability(spec).available:
         pytest.skip("the smollm2 package is not installed")
-    return load_model(spec, [discover().cpu], dtype="native")
+    # transformers' model on the blocks: its forward is what the fused pass is checked against.
+    return load_model(spec, [discover().cpu], dtype="native", model_operators=True)
+
+
+@pytest.fixture(scope="module")
+def own(loaded: LoadedModel) -> LoadedModel:
+    """The engine's own model of the same GGUF (what decode auto loads)."""
+    return load_model(loaded.spec, [discover().cpu], dtype="native")
 
 
 def _prefill(model: Any, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor,
@@ -68,10 +79,102 @@ def _steps(step: FusedDecodeStep, cache: Any, tokens: list[torch.Tensor], mask: 
     return out
 
 
-def test_native_models_get_the_fused_step(loaded: LoadedModel) -> None:
+def test_native_models_get_the_fused_step(loaded: LoadedModel, own: LoadedModel) -> None:
     assert isinstance(loaded.fused_step, FusedDecodeStep)
-    assert loaded.fused_step.name == STEP_VERSION == "fused-step/1"
+    assert loaded.fused_step.name == STEP_VERSION == "fused-step/2"
     assert loaded.decode_step is not None and loaded.decode_step.name == "dynamic-cache"
+    assert isinstance(own.model, NativeLlama) and own.decode_step is None
+    assert isinstance(own.fused_step, FusedDecodeStep)
+    assert own.memory_bytes <= loaded.memory_bytes  # the same blocks, nothing more
+
+
+def _fused_prefill(model: LoadedModel, prompts: list[list[int]]
+                   ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-padded prefill in the fused pass: (cache, logits, final rows, mask, last
+    positions)."""
+    from transformers import DynamicCache
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = getattr(model.model, "new_cache", lambda: DynamicCache(config=model.model.config))()
+    with torch.inference_mode():
+        logits, final = model.fused_step.prefill(ids, mask, positions, cache)
+    return cache, logits, final, mask, positions[:, -1:]
+
+
+def test_the_engine_model_computes_what_transformers_model_computes_bit_for_bit(
+        loaded: LoadedModel, own: LoadedModel) -> None:
+    """The same blocks under either model give the fused pass the same floats: prefill
+    (a padded batch) and 8 decode steps, logits, final rows and cache."""
+    runs = []
+    for model in (loaded, own):
+        cache, logits, final, mask, position = _fused_prefill(model, PROMPTS)
+        token = logits.argmax(-1, keepdim=True)
+        runs.append([(logits, final), *_steps(model.fused_step, cache, [token] * 8, mask,
+                                              position), cache])
+    *theirs, their_cache = runs[0]
+    *mine, my_cache = runs[1]
+    for (a_logits, a_final), (b_logits, b_final) in zip(theirs, mine, strict=True):
+        assert torch.equal(a_logits, b_logits) and torch.equal(a_final, b_final)
+    for a, b in zip(their_cache.layers, my_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_prefill_computes_each_token_as_a_step_of_its_own_would(own: LoadedModel,
+                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Bit for bit: a prompt's prefill, the same prompt prefilled one token and then stepped
+    token by token, the pass cut into chunks of 2 tokens, the teacher-forced forward, and
+    each row of a padded batch prefill alone."""
+    prompt = PROMPTS[2]
+    cache, logits, final, _, _ = _fused_prefill(own, [prompt])
+    first, _, first_final, first_mask, first_position = _fused_prefill(own, [prompt[:1]])
+    stepped = _steps(own.fused_step, first, [torch.tensor([[t]]) for t in prompt[1:]],
+                     first_mask, first_position)
+    assert torch.equal(stepped[-1][0][:, 0], logits) and torch.equal(stepped[-1][1], final)
+    forced = own.model(input_ids=torch.tensor([prompt]), output_hidden_states=True)
+    rows = torch.cat([first_final] + [hidden for _, hidden in stepped])
+    assert torch.equal(forced.hidden_states[-1][0], rows)
+    assert torch.equal(forced.logits[0, -1], logits[0])
+    monkeypatch.setattr(native_step, "PASS_TOKENS", 2)
+    chunked = _fused_prefill(own, [prompt])
+    assert torch.equal(chunked[1], logits) and torch.equal(chunked[2], final)
+    for a, b in zip(chunked[0].layers, cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys)
+    batch = _fused_prefill(own, PROMPTS)
+    for row, alone in enumerate(PROMPTS):
+        single = _fused_prefill(own, [alone])
+        assert torch.equal(batch[1][row], single[1][0]) and torch.equal(batch[2][row],
+                                                                       single[2][0])
+
+
+def test_the_engine_model_loads_without_transformers_model_classes(own: LoadedModel) -> None:
+    """A native job end to end, in a fresh process, imports neither transformers' LLaMA
+    modules nor what they pull in (torch._dynamo, torch.distributed.tensor, sympy): about
+    100 MB of resident memory the model does not need."""
+    import json
+    import subprocess
+    import sys
+
+    del own  # the module's load made the verified conversion this process reads
+    script = (
+        "import json, sys\n"
+        "from engine import Engine\n"
+        "with Engine(devices=['cpu'], dtype='native') as engine:\n"
+        f"    result = engine.run({{'model': {SMOL!r}, 'prompt': 'Hi', 'max_tokens': 4}})\n"
+        "    chat = engine.run({'model': %r, 'messages': [{'role': 'user', 'content': 'Hi'}],"
+        " 'max_tokens': 4})\n"
+        "heavy = [m for m in ('transformers.models.llama', 'transformers.masking_utils',"
+        " 'torch._dynamo', 'torch.distributed.tensor', 'sympy') if m in sys.modules]\n"
+        "print(json.dumps({'ok': result.ok and chat.ok, 'decode': result.profile.decode,"
+        " 'heavy': heavy}))\n" % SMOL)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"ok": True, "decode": STEP_VERSION, "heavy": []}
 
 
 def test_a_row_computes_the_same_floats_alone_and_in_a_padded_batch(loaded: LoadedModel) -> None:

@@ -193,11 +193,11 @@ def test_info_says_whether_the_cpu_kernel_computes_linear_layers(
                      "blocks": {"available": status.blocks_available,
                                 "reason": status.blocks_reason,
                                 "formats": ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"],
-                                "decode_step": "fused-step/1"},
+                                "decode_step": "fused-step/2"},
                      "build": status.build.to_dict() if status.build else None}
     if status.available and status.blocks_available:
         assert main(["info"]) == 0
-        assert "fused step (decode fused-step/1" in " ".join(capsys.readouterr().out.split())
+        assert "fused pass (decode fused-step/2" in " ".join(capsys.readouterr().out.split())
     monkeypatch.setenv("AITBC_ENGINE_LINEAR", "blas")
     assert main(["info"]) == 0
     assert "torch's BLAS" in capsys.readouterr().out

@@ -189,7 +189,8 @@ def test_the_lean_decode_step_equals_the_forward_bit_for_bit(registry: Registry,
     """A padded batch of three rows, eight steps: the same logits and the same cache."""
     from transformers import DynamicCache
 
-    loaded = load_model(registry.get(SMOL), [discover().cpu], dtype="native")
+    loaded = load_model(registry.get(SMOL), [discover().cpu], dtype="native",
+                        model_operators=True)
     model, step = loaded.model, loaded.decode_step
     assert step is not None
     prompts = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 253], [1, 22, 23, 24, 25]]

@@ -51,6 +51,7 @@ from engine.kernels import BLOCK_KERNEL_NAME, KERNEL_NAME
 from engine.kernels.blocks import BlockEmbedding, BlockLinear
 from engine.kernels.rowgemm import kernel_status
 from engine.loading import LoadedModel, load_model, resolve_dtype_name
+from engine.native_model import NativeLlama
 from engine.native_step import FusedDecodeStep
 from engine.options import Decode
 from engine.pool import ModelPool
@@ -177,9 +178,12 @@ def test_native_jobs_equal_float32_jobs_hash_for_hash(
 
 
 def _load_both(registry: Registry, model: str) -> tuple[LoadedModel, LoadedModel]:
+    """The native model held by transformers' model (whose forward computes with the model's
+    operators between the block products), and the float32 model."""
     cpu = discover().cpu
     spec = registry.get(model)
-    return (load_model(spec, [cpu], dtype="native"), load_model(spec, [cpu], dtype="float32"))
+    return (load_model(spec, [cpu], dtype="native", model_operators=True),
+            load_model(spec, [cpu], dtype="float32"))
 
 
 def _logits(loaded: LoadedModel, texts: tuple[str, ...]) -> list[torch.Tensor]:
@@ -262,10 +266,15 @@ def test_the_fused_step_computes_on_every_block_format(
         assert {r.profile.decode for r in results} == {"dynamic-cache"}
         return
     assert isinstance(native.fused_step, FusedDecodeStep)
-    assert {r.profile.decode for r in results} == {"fused-step/1"}
+    assert isinstance(native.model, NativeLlama)  # no transformers model behind it
+    assert {r.profile.decode for r in results} == {"fused-step/2"}
     for alone, batched in zip(results[:4], results[4:], strict=True):
         assert alone.result_hash == batched.result_hash
-    tokenizer, forward = native.tokenizer, native.model
+    # transformers' model on the same blocks: its fused step follows its forward.
+    held = load_model(registry.get(model), [discover().cpu], dtype="native",
+                      model_operators=True)
+    assert not isinstance(held.model, NativeLlama)
+    tokenizer, forward = held.tokenizer, held.model
     tokenizer.padding_side = "left"
     batch = tokenizer(list(PROMPTS), return_tensors="pt", padding=True)
     mask = batch.attention_mask
@@ -282,7 +291,7 @@ def test_the_fused_step_computes_on_every_block_format(
             position = position + 1
             expected = forward(input_ids=token, attention_mask=mask, position_ids=position,
                                use_cache=True, cache=caches[0]).logits
-            got = native.fused_step(token, mask, position, caches[1])
+            got = held.fused_step(token, mask, position, caches[1])
             spread = expected.abs().max().item()
             assert (got - expected).abs().max().item() < 1e-4 * spread
             token = expected[:, -1:].argmax(-1)

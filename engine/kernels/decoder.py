@@ -1,6 +1,7 @@
-"""The binding of ``decoder.c``: the engine's own decode step of a LLaMA model on blocks.
+"""The binding of ``decoder.c``: the engine's own forward pass of a LLaMA model on blocks.
 
-The C side computes a whole decode step in one call (see the C file for what it
+The C side computes a whole pass (a decode step, a prefill or a teacher-forced
+pass) in one call (see the C file for what it
 computes and in which order); this module describes a model to it once, as
 ctypes structures that point at the fused block weights and the norm weights,
 and holds the references that keep those buffers alive.
@@ -16,9 +17,10 @@ import torch
 
 from engine.kernels import FUSED_STEP_NAME
 
-__all__ = ["STEP_VERSION", "StepLayerWeights", "bind_decoder", "describe_model"]
+__all__ = ["STEP_VERSION", "ModelDescription", "StepLayerWeights", "bind_decoder",
+           "describe_model"]
 
-STEP_VERSION = FUSED_STEP_NAME  # the profile's ``decode`` for this step
+STEP_VERSION = FUSED_STEP_NAME  # the profile's ``decode`` for this pass
 
 
 class _StepLayer(ctypes.Structure):
@@ -53,7 +55,7 @@ class StepLayerWeights:
 
 
 class ModelDescription:
-    """A model as ``fused_step`` reads it; keeps alive every buffer it points at."""
+    """A model as ``fused_forward`` reads it; keeps alive every buffer it points at."""
 
     def __init__(self, structure: _StepModel, keep: list[Any]) -> None:
         self.structure = structure
@@ -83,11 +85,12 @@ def describe_model(layers: Sequence[StepLayerWeights], *, hidden: int, heads: in
 
 
 def bind_decoder(library: ctypes.CDLL) -> Any:
-    """Set the argument types of the library's step functions; returns the library."""
+    """Set the argument types of the library's forward-pass functions; returns the library."""
     size, pointer = ctypes.c_ssize_t, ctypes.c_void_p
-    library.fused_step_work.restype = size
-    library.fused_step_work.argtypes = [pointer, size, size]
-    library.fused_step.restype = ctypes.c_int
-    library.fused_step.argtypes = [pointer, size, pointer, pointer, pointer, pointer, size,
-                                   pointer, size, pointer, pointer, pointer, ctypes.c_int]
+    library.fused_forward_work.restype = size
+    library.fused_forward_work.argtypes = [pointer, size, size, size]
+    library.fused_forward.restype = ctypes.c_int
+    library.fused_forward.argtypes = [pointer, size, pointer, pointer, pointer, pointer, pointer,
+                                      size, size, pointer, size, pointer, pointer, pointer, size,
+                                      pointer, ctypes.c_int]
     return library

@@ -30,6 +30,7 @@ from engine.commitment import DEFAULT_STRIDE, commit_selected, compute_commitmen
 from engine.errors import ContextLengthError, InvalidJobError, JobCancelledError, JobTimeoutError
 from engine.hashing import effective_seed
 from engine.jobs import GenerationOutput, GenerationParams, Job, TokenLogprob, TopLogprob
+from engine.kv_cache import plain_layers
 from engine.loading import LoadedModel
 from engine.metering import MeterWindow
 from engine.sampling import Sampler
@@ -383,8 +384,6 @@ class DecodeBatch:
     """
 
     def __init__(self, loaded: LoadedModel, *, fused: bool = True):
-        from transformers import DynamicCache
-
         self.loaded = loaded
         # The decode step: the fused C step where the model has one and ``fused`` allows,
         # else the lean step (the forward's floats), else the model's forward.
@@ -403,7 +402,8 @@ class DecodeBatch:
         # Only the last position's logits are needed: skip the LM head elsewhere in prefill.
         self._last_only = {"logits_to_keep": 1} if accepts(self._model, "logits_to_keep") \
             else {}
-        self._new_cache = lambda: DynamicCache(config=self._model.config)
+        # A model may make its own empty cache (the engine's native model: no transformers).
+        self._new_cache = getattr(self._model, "new_cache", None) or self._dynamic_cache
         self.rows: list[Row] = []
         self._cache: Any = None
         self._mergeable = True  # settled by the first cache: plain per-layer KV tensors
@@ -413,6 +413,11 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _dynamic_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._model.config)
 
     @property
     def mergeable(self) -> bool:
@@ -444,16 +449,17 @@ class DecodeBatch:
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
-        with torch.inference_mode():
-            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=True, output_hidden_states=self._commits,
-                              **{self._cache_arg: cache}, **self._last_only)
         hidden = None
-        if self._commits:
-            hidden = out.hidden_states[-1][:, -1, :]
-            for row in rows:
-                row.committed, row.request.decode_commits = [], True
-        chosen = self._choose(rows, out.logits[:, -1, :].float(), hidden)
+        with torch.inference_mode():
+            if self._commits:  # the fused pass prefills too, and gives the committed rows
+                logits, hidden = self._decode_step.prefill(ids, mask, positions, cache)
+                for row in rows:
+                    row.committed, row.request.decode_commits = [], True
+            else:
+                logits = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=True, **{self._cache_arg: cache},
+                                     **self._last_only).logits[:, -1, :]
+        chosen = self._choose(rows, logits.float(), hidden)
         self._merge(rows, cache, mask, positions[:, -1:], chosen)
         return ended + self._drop_finished()
 
@@ -506,12 +512,9 @@ class DecodeBatch:
     def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor,
                positions: torch.Tensor, chosen: list[int]) -> None:
         if not self.rows:
-            from transformers.cache_utils import DynamicLayer
-
             self.rows, self._cache, self._mask = rows, cache, mask
             self._positions, self._pending = positions, chosen
-            self._mergeable = all(type(layer) is DynamicLayer
-                                  for layer in getattr(cache, "layers", [None]))
+            self._mergeable = plain_layers(cache)
             return
         width = max(self._mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
