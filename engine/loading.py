@@ -834,6 +834,34 @@ def _write_native_meta(gguf_file: Path, target: Path, *, digest: str) -> None:
         tokenizer.save_pretrained(staged)
 
 
+def _write_native_meta_apart(gguf_file: Path, target: Path, *, digest: str) -> None:
+    """:func:`_write_native_meta` in a child Python process.
+
+    Reading a GGUF's config and tokenizer takes transformers' GGUF readers and LLaMA
+    classes, which stay imported for the life of a process (about 100 MB resident) and
+    which the engine's own native model never needs after it: a miner that converts a
+    model at its first start then holds what it would hold after a restart. A failure
+    raises ValueError with the child's last line of error (the caller turns it into a
+    clear error about the file).
+    """
+    import os
+    import subprocess
+
+    script = ("import sys\nfrom pathlib import Path\n"
+              "from engine.loading import _write_native_meta\n"
+              "_write_native_meta(Path(sys.argv[1]), Path(sys.argv[2]), digest=sys.argv[3])\n")
+    root = str(Path(__file__).resolve().parent.parent)  # where this engine package is
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [root, *filter(None, [environment.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", script, str(gguf_file), str(target), digest],
+                          capture_output=True, text=True, env=environment, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ValueError(f"reading its config and tokenizer failed in a child process "
+                         f"(status {done.returncode}): {lines[-1] if lines else 'no message'}")
+
+
 def _load_native(spec: ModelSpec, cache_dir: Path | None, *, engine_model: bool,
                  ) -> tuple[Any, Any, str]:
     """A GGUF model on its own blocks: (model, tokenizer, digest).
@@ -858,7 +886,9 @@ def _load_native(spec: ModelSpec, cache_dir: Path | None, *, engine_model: bool,
         with _unreadable_gguf(spec, gguf_file):
             weightfiles.ensure_conversion(
                 directory, source_file=gguf_file, source_digest=digest,
-                convert=functools.partial(_write_native_meta, gguf_file, digest=digest))
+                convert=functools.partial(
+                    _write_native_meta_apart if engine_model else _write_native_meta,
+                    gguf_file, digest=digest))
         try:
             gguf = read_gguf_header(gguf_file)
             built = _engine_model(spec, directory, gguf) if engine_model else None
