@@ -357,7 +357,8 @@ class FusedDecodeStep:
             stop = min(n, start + PASS_TOKENS)
             at = torch.stack([torch.zeros(stop - start, dtype=torch.int64),
                               positions[start:stop]], 1)
-            wanted = torch.arange(max(start, n - keep), stop, dtype=torch.int64) - start
+            low = max(start, n - keep)  # the chunk's first token whose logits are kept
+            wanted = torch.arange(low, max(low, stop), dtype=torch.int64) - start
             final, chunk_logits = self._run(ids.reshape(-1)[start:stop, None],
                                             positions[start:stop, None], at, mask, buffer,
                                             wanted)

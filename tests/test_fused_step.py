@@ -138,7 +138,11 @@ def test_a_prefill_computes_each_token_as_a_step_of_its_own_would(own: LoadedMod
     rows = torch.cat([first_final] + [hidden for _, hidden in stepped])
     assert torch.equal(forced.hidden_states[-1][0], rows)
     assert torch.equal(forced.logits[0, -1], logits[0])
+    every = own.model(input_ids=torch.tensor([prompt])).logits[0]
+    assert torch.equal(every[-1], logits[0])
     monkeypatch.setattr(native_step, "PASS_TOKENS", 2)
+    kept = own.model(input_ids=torch.tensor([prompt]), logits_to_keep=3).logits[0]
+    assert torch.equal(kept, every[-3:])  # chunks with no kept row among them
     chunked = _fused_prefill(own, [prompt])
     assert torch.equal(chunked[1], logits) and torch.equal(chunked[2], final)
     for a, b in zip(chunked[0].layers, cache.layers, strict=True):
