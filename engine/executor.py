@@ -200,7 +200,7 @@ class Engine:
         spec = self.registry.get(name)
         devices = [self.hardware.device(device)] if device else self._candidate_sets(spec)[0]
         loaded, _ = self.pool.get(spec, devices, weights=self.weights, dtype=self.dtype,
-                                  model_operators=self.decode == "dynamic")
+                                  model_operators=self.decode != "auto")
         return loaded
 
     def evict(self, name: str | None = None) -> list[str]:
@@ -290,7 +290,7 @@ class Engine:
         spec = self.registry.get(model)
         try:
             key = self.pool.key_for(spec, devices, self.weights, self.dtype,
-                                    model_operators=self.decode == "dynamic")
+                                    model_operators=self.decode != "auto")
         except EngineError:
             return False  # not loadable there in this dtype: certainly not warm
         return self.pool.peek(key) is not None

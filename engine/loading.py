@@ -437,7 +437,7 @@ class PoolKey:
     devices: tuple[str, ...]
     dtype: str
     weights: Weights
-    # A native model held by transformers' model for its operators (``--decode dynamic``).
+    # A native model held by transformers' model for its operators (``--decode`` not auto).
     model_operators: bool = False
 
     def __str__(self) -> str:
@@ -655,7 +655,7 @@ def load_model(spec: ModelSpec, devices: Sequence[Device], *, weights: Weights =
     with ``trust_remote_code``. A native LLaMA model runs in the engine's fused
     pass without transformers' model classes where the pass computes it
     (:mod:`engine.native_model`); ``model_operators`` keeps transformers' model and
-    its operators instead (what ``--decode dynamic`` computes with).
+    its operators instead (what ``--decode dynamic`` and ``static`` compute with).
     """
     import torch
 

@@ -87,7 +87,7 @@ class ModelPool:
     def key_for(self, spec: ModelSpec, devices: Sequence[Device], weights: Weights = "pretrained",
                 dtype: str | None = None, *, model_operators: bool = False) -> PoolKey:
         """The key a model would have on ``devices`` (``model_operators``: a native model
-        loaded as transformers' model, for ``--decode dynamic``)."""
+        loaded as transformers' model, for ``--decode dynamic`` or ``static``)."""
         name = resolve_dtype_name(spec, devices[0], dtype, weights)
         return PoolKey(spec.name, tuple(d.id for d in devices), name, weights,
                        model_operators and name == NATIVE)
@@ -115,7 +115,9 @@ class ModelPool:
             dtype: str | None = None, **load_options: Any) -> Iterator[tuple[LoadedModel, float]]:
         """Lease a model for one job: ``(model, load_seconds)``, 0.0 when it was warm.
 
-        A leased model is never evicted until the lease ends.
+        A leased model is never evicted until the lease ends. ``model_operators=True``
+        (a load option) asks for a native model as transformers' model, which the decode
+        paths other than ``auto`` compute with; it is warm under a key of its own.
         """
         key = self.key_for(spec, devices, weights, dtype,
                            model_operators=bool(load_options.pop("model_operators", False)))

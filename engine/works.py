@@ -125,7 +125,7 @@ class Work:
             self.ctx.started(item)
         self.loaded, self.load_seconds = self._lease.enter_context(self.ctx.pool.use(
             self.spec, self.devices, weights=self.ctx.weights, dtype=self.ctx.dtype,
-            model_operators=self.ctx.decode == "dynamic"))
+            model_operators=self.ctx.decode != "auto"))
         from engine.kernels import KERNEL_NAMES
 
         if self.loaded.linear_kernel in KERNEL_NAMES:

@@ -359,3 +359,18 @@ def test_projections_with_a_bias_are_not_fused_and_keep_it(bias_on: int | None) 
     for got, want, layer in zip(shared(x), expected, layers, strict=True):
         assert torch.equal(got, want)
         assert torch.equal(layer(x), want)  # the layers still compute alone (views if fused)
+
+
+def test_decode_paths_other_than_auto_compute_with_transformers_model(own: LoadedModel) -> None:
+    """The static path needs transformers' model (its static cache and forward): a native
+    model asked for it loads as that model, not the engine's, and gives the same result."""
+    job = {"model": SMOL, "prompt": "The capital of France is", "max_tokens": 6}
+    with Engine(devices=["cpu"], dtype="native") as engine:
+        fused = engine.run(job)
+    with Engine(devices=["cpu"], dtype="native", decode="static") as engine:
+        static = engine.run(job)
+        assert not isinstance(engine.load(SMOL).model, NativeLlama)
+    assert isinstance(own.model, NativeLlama)
+    assert fused.ok and static.ok, static.error
+    assert (fused.profile.decode, static.profile.decode) == (STEP_VERSION, "static-cache")
+    assert fused.output.token_ids == static.output.token_ids
