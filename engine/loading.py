@@ -844,18 +844,15 @@ def _write_native_meta_apart(gguf_file: Path, target: Path, *, digest: str) -> N
     raises ValueError with the child's last line of error (the caller turns it into a
     clear error about the file).
     """
-    import os
     import subprocess
 
-    script = ("import sys\nfrom pathlib import Path\n"
+    # The child imports this very engine package: its folder goes first on the path.
+    script = ("import sys\nsys.path.insert(0, sys.argv[4])\nfrom pathlib import Path\n"
               "from engine.loading import _write_native_meta\n"
               "_write_native_meta(Path(sys.argv[1]), Path(sys.argv[2]), digest=sys.argv[3])\n")
-    root = str(Path(__file__).resolve().parent.parent)  # where this engine package is
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [root, *filter(None, [environment.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, "-c", script, str(gguf_file), str(target), digest],
-                          capture_output=True, text=True, env=environment, check=False)
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", script, str(gguf_file), str(target), digest,
+                           root], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise ValueError(f"reading its config and tokenizer failed in a child process "
