@@ -24,7 +24,7 @@ from engine.hardware import Device, HardwareInfo, Nvml, discover
 from engine.jobs import Job, JobResult
 from engine.loading import LoadedModel, Weights, resolve_dtype_name
 from engine.metering import Meter
-from engine.options import RunOptions
+from engine.options import RunOptions, uses_model_operators
 from engine.outcomes import ENGINE_VERSION, failed_result, log_result
 from engine.payloads import parse_payload
 from engine.pool import ModelPool
@@ -200,7 +200,7 @@ class Engine:
         spec = self.registry.get(name)
         devices = [self.hardware.device(device)] if device else self._candidate_sets(spec)[0]
         loaded, _ = self.pool.get(spec, devices, weights=self.weights, dtype=self.dtype,
-                                  model_operators=self.decode != "auto")
+                                  model_operators=uses_model_operators(self.decode))
         return loaded
 
     def evict(self, name: str | None = None) -> list[str]:
@@ -290,7 +290,7 @@ class Engine:
         spec = self.registry.get(model)
         try:
             key = self.pool.key_for(spec, devices, self.weights, self.dtype,
-                                    model_operators=self.decode != "auto")
+                                    model_operators=uses_model_operators(self.decode))
         except EngineError:
             return False  # not loadable there in this dtype: certainly not warm
         return self.pool.peek(key) is not None

@@ -919,21 +919,19 @@ def _engine_model(spec: ModelSpec, directory: Path, gguf: Any,
     (the reason logged) where the fused pass does not compute the model."""
     from engine.kernels.rowgemm import block_kernel
     from engine.native import NativeUnavailableError
-    from engine.native_model import engine_model_refusal, load_native_llama, saved_config
+    from engine.native_model import load_native_llama
     from engine.tokenizer_files import TokenizerFilesError, load_tokenizer
 
-    refusal = engine_model_refusal(saved_config(directory))
-    if refusal is None:
-        try:
-            tokenizer = load_tokenizer(directory)
-            model, formats = load_native_llama(directory, gguf, block_kernel())
-        except (NativeUnavailableError, TokenizerFilesError) as exc:
-            refusal = str(exc)
-        else:
-            return model, tokenizer, formats
-    log.info("model %r runs as transformers' model on its blocks: the fused pass does not "
-             "take %s", spec.name, refusal)
-    return None
+    try:
+        # The model first: its config refuses most of what it does not take before any
+        # weight is read.
+        model, formats = load_native_llama(directory, gguf, block_kernel())
+        tokenizer = load_tokenizer(directory)
+    except (NativeUnavailableError, TokenizerFilesError) as exc:
+        log.info("model %r runs as transformers' model on its blocks: the fused pass does "
+                 "not take %s", spec.name, exc)
+        return None
+    return model, tokenizer, formats
 
 
 def _transformers_native_model(spec: ModelSpec, directory: Path, gguf: Any,

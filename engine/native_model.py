@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from engine import weightfiles
-from engine.kernels.blocks import BlockLinear
 from engine.kv_cache import KVCache
 from engine.native import GgufFile, NativeUnavailableError, build_native_model
 from engine.native_step import (
@@ -236,11 +235,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def saved_config(directory: Path) -> dict[str, Any]:
-    """The fields of ``config.json`` in a verified conversion directory."""
-    return _read_json(directory / "config.json")
-
-
 def load_native_llama(directory: Path, gguf: GgufFile, library: Any,
                       make_empty: Callable[[NativeLlamaConfig], torch.nn.Module] = _skeleton,
                       ) -> tuple[NativeLlama, dict[str, int]]:
@@ -248,7 +242,7 @@ def load_native_llama(directory: Path, gguf: GgufFile, library: Any,
     ``generation_config.json``) and the GGUF's blocks; and the count of block formats.
     NativeUnavailableError when the fused pass cannot compute the model (the caller
     builds the transformers model instead)."""
-    raw = saved_config(directory)
+    raw = _read_json(directory / "config.json")
     refusal = engine_model_refusal(raw)
     if refusal is not None:
         raise NativeUnavailableError(refusal)
@@ -259,8 +253,6 @@ def load_native_llama(directory: Path, gguf: GgufFile, library: Any,
     missing = [name for name in _expected(config) if not _has(filled, name)]
     if missing:
         raise NativeUnavailableError(f"the GGUF leaves {', '.join(missing[:4])} unset")
-    if not isinstance(filled.lm_head, BlockLinear):
-        raise NativeUnavailableError("the output head is not kept as blocks")
     return NativeLlama(config, filled, library, generation), formats
 
 

@@ -188,8 +188,6 @@ def skeleton_weights(lean: NativeDecodeStep) -> FusedWeights:
         raise ValueError(f"activation {getattr(config, 'hidden_act', None)!r}, not silu")
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("rotary embedding on part of each head")
-    if not isinstance(model.lm_head, BlockLinear):
-        raise ValueError("the output head is not kept as blocks")
     layers = lean._layers
     eps = {layer.input_norm.variance_epsilon for layer in layers} | \
         {layer.post_norm.variance_epsilon for layer in layers} | \
@@ -318,8 +316,7 @@ class FusedDecodeStep:
                 getattr(layer, "keys", None) is not None and layer.keys.numel()
                 for layer in cache.layers):
             raise ValueError(f"a prefill takes an empty cache of {self._layers} layers")
-        buffer = _CacheBuffer(_mapped_floats(
-            (self._layers, 2, rows, self._kv_heads, _room_for(width), self._head_dim)))
+        buffer = self._new_buffer(rows, _room_for(width))
         places = mask.nonzero()  # (row, position) of every prompt token, row by row
         if places.shape[0] == 0 or not bool(mask[:, -1].all()):
             raise ValueError("every row needs its last position")
@@ -350,8 +347,7 @@ class FusedDecodeStep:
         keep = max(1, min(logits_rows, n))
         mask = torch.ones((1, n), dtype=torch.int64)
         positions = torch.arange(n, dtype=torch.int64)
-        buffer = _CacheBuffer(_mapped_floats(
-            (self._layers, 2, 1, self._kv_heads, n, self._head_dim)))
+        buffer = self._new_buffer(1, n)
         finals, logits = [], []
         for start in range(0, n, PASS_TOKENS):
             stop = min(n, start + PASS_TOKENS)
@@ -399,6 +395,11 @@ class FusedDecodeStep:
                                f"{length} positions")
         return final, logits
 
+    def _new_buffer(self, rows: int, capacity: int) -> _CacheBuffer:
+        """A zeroed KV buffer for ``rows`` rows of ``capacity`` positions."""
+        return _CacheBuffer(_mapped_floats(
+            (self._layers, 2, rows, self._kv_heads, capacity, self._head_dim)))
+
     def _cache_buffer(self, cache: Any, rows: int, length: int) -> _CacheBuffer:
         """The buffer holding the cache's ``length - 1`` positions, with room for position
         ``length - 1``: the one hung on the cache, or a new one copied from its layers."""
@@ -412,8 +413,7 @@ class FusedDecodeStep:
         filled = layers[0].keys.shape[-2]
         if len(layers) != self._layers or filled != length - 1:
             raise ValueError(f"a cache of {filled} positions for a mask of {length}")
-        held = _CacheBuffer(_mapped_floats(
-            (self._layers, 2, rows, self._kv_heads, _room_for(length), self._head_dim)))
+        held = self._new_buffer(rows, _room_for(length))
         for (keys, values), layer in zip(held.layers, layers, strict=True):
             keys[:, :, :filled].copy_(layer.keys)
             values[:, :, :filled].copy_(layer.values)

@@ -33,10 +33,19 @@ __all__ = [
     "RunOptions",
     "ServeLimits",
     "Weights",
+    "uses_model_operators",
 ]
 
 Decode = Literal["auto", "dynamic", "static"]
 """The decode path (see :class:`~engine.Engine`)."""
+
+
+def uses_model_operators(decode: Decode) -> bool:
+    """Whether ``decode`` computes with transformers' model and its operators, so that a
+    native model must be loaded as that model (every path but ``auto``, whose fused pass
+    the engine's own model runs)."""
+    return decode != "auto"
+
 Weights = Literal["pretrained", "random"]
 """Real weights, or the true architecture with seeded random weights (benchmarks)."""
 

@@ -26,7 +26,7 @@ from engine.hardware import Device
 from engine.jobs import EmbeddingOutput, GenerationOutput, Job, JobResult
 from engine.loading import LoadedModel, Weights
 from engine.metering import Meter, MeterWindow, StepRecord
-from engine.options import Decode
+from engine.options import Decode, uses_model_operators
 from engine.outcomes import classify, completed_result, failed_result, job_metrics
 from engine.pool import ModelPool
 from engine.registry import ModelSpec
@@ -125,7 +125,7 @@ class Work:
             self.ctx.started(item)
         self.loaded, self.load_seconds = self._lease.enter_context(self.ctx.pool.use(
             self.spec, self.devices, weights=self.ctx.weights, dtype=self.ctx.dtype,
-            model_operators=self.ctx.decode != "auto"))
+            model_operators=uses_model_operators(self.ctx.decode)))
         from engine.kernels import KERNEL_NAMES
 
         if self.loaded.linear_kernel in KERNEL_NAMES:
